@@ -111,7 +111,7 @@ def parse_header(data: bytes, path: str = "<bytes>", file_size: int | None = Non
     if data[:16] != SQLITE_MAGIC:
         raise SqliteError(
             f"Cannot manage SQLite database {path}: the file does not start with the SQLite header "
-            f"'SQLite format 3\\0' (found {data[:16]!r}), so it is not a SQLite 3 database. Fix the path."
+            "'SQLite format 3\\0', so it is not a SQLite 3 database. Fix the path."
         )
     if len(data) < HEADER_SIZE:
         raise SqliteError(
