@@ -64,6 +64,12 @@ options:
         numbers (C(NORMAL) = C(1)); flags accept C(true)/C(on)/C(1).
     type: dict
     default: {}
+  status_section:
+    description:
+      - Key of the status files' JSON object that holds the settings (the lab's stand-in uses C(pragmas)).
+        Empty means the top level.
+    type: str
+    default: ""
   status_newer_than:
     description:
       - A file (the application's config) whose modification time status files must be newer than, so that
@@ -108,6 +114,7 @@ EXAMPLES = r"""
     quick_check: true
     quick_check_timeout_s: 10
     status_dir: /run/crab/edge-server
+    status_section: pragmas
     status_expect:
       busy_timeout: 5000
       synchronous: NORMAL
@@ -198,6 +205,7 @@ def main() -> None:
             "quick_check_timeout_s": {"type": "float", "default": 30.0},
             "status_dir": {"type": "path"},
             "status_expect": {"type": "dict", "default": {}},
+            "status_section": {"type": "str", "default": ""},
             "status_newer_than": {"type": "path"},
             "status_wait_s": {"type": "float", "default": 30.0},
             "status_min_connections": {"type": "int", "default": 1},
@@ -237,6 +245,7 @@ def main() -> None:
                 newer_than=newer_than,
                 wait_s=p["status_wait_s"],
                 min_connections=p["status_min_connections"],
+                section=p["status_section"],
             ).wait()
         except SqliteError as exc:
             module.fail_json(msg=str(exc), **result)

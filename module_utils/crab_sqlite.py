@@ -483,8 +483,9 @@ def normalize_setting(name: str, value) -> str:
 
 
 class ConnectionStatus:
-    """Reads the per-connection status files an application writes (``<role>-<pid>.json``, one JSON object each)
-    and checks that every live connection reports the expected settings, written after ``newer_than``."""
+    """Reads the per-connection status files an application writes (``<role>-<pid>.json``, one JSON object each,
+    the settings at the top level or under ``section``) and checks that every live connection reports the
+    expected settings, written after ``newer_than``."""
 
     def __init__(
         self,
@@ -494,8 +495,10 @@ class ConnectionStatus:
         wait_s: float = 30.0,
         min_connections: int = 1,
         interval_s: float = 0.5,
+        section: str = "",
     ):
         self.status_dir = status_dir
+        self.section = section or ""
         self.expect = {str(k): normalize_setting(str(k), v) for k, v in (expect or {}).items()}
         self.newer_than = float(newer_than or 0.0)
         self.wait_s = float(wait_s)
@@ -531,7 +534,8 @@ class ConnectionStatus:
                 # Being rewritten right now, or gone: look again on the next round.
                 report["unreadable"].append(name)
                 continue
-            if not isinstance(data, dict):
+            settings = data.get(self.section) if isinstance(data, dict) and self.section else data
+            if not isinstance(settings, dict):
                 report["unreadable"].append(name)
                 continue
             if mtime < self.newer_than:
@@ -540,9 +544,9 @@ class ConnectionStatus:
             wrong = {
                 key: {"expected": want, "actual": data.get(key)}
                 for key, want in self.expect.items()
-                if key not in data or normalize_setting(key, data[key]) != want
+                if key not in settings or normalize_setting(key, settings[key]) != want
             }
-            entry = {"file": name, "role": match.group("role"), "pid": pid, "settings": data}
+            entry = {"file": name, "role": match.group("role"), "pid": pid, "settings": settings}
             report["connections"].append(entry)
             if wrong:
                 report["mismatched"].append({"file": name, "wrong": wrong})
@@ -571,7 +575,7 @@ class ConnectionStatus:
             why = f"{len(report['mismatched'])} connection(s) report other settings, e.g. {first['file']}: {wrong}"
         elif report["waiting"] or report["unreadable"]:
             late = len(report["waiting"]) + len(report["unreadable"])
-            why = f"{late} status file(s) were not rewritten since the config changed"
+            why = f"{late} status file(s) were not rewritten since the config changed or hold no settings"
         else:
             why = f"{len(report['connections'])} live connection(s) reported, fewer than {self.min_connections}"
         raise SqliteError(

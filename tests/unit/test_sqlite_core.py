@@ -488,3 +488,11 @@ def test_connection_status_unreadable_file(tmp_path: Path):
 def test_python_is_the_one_running_the_tests():
     # The fork-based tests above switch uid; they need root, as on the project's machines.
     assert os.geteuid() == 0, f"{sys.executable}: run the unit tests as root (they switch to uid {NOBODY})"
+
+
+def test_connection_status_section_and_missing_section(tmp_path: Path):
+    _status(tmp_path, f"orders-{os.getpid()}.json", pragmas={"busy_timeout": 5000}, busy_timeout=0)
+    report = ConnectionStatus(str(tmp_path), {"busy_timeout": 5000}, wait_s=0, section="pragmas").wait()
+    assert report["connections"][0]["settings"] == {"busy_timeout": 5000}
+    with pytest.raises(SqliteError, match="not rewritten"):
+        ConnectionStatus(str(tmp_path), {"busy_timeout": 5000}, wait_s=0, section="nope").wait()

@@ -116,12 +116,15 @@ def test_connections_ok(chinook: Path, tmp_path: Path, capsys):
     config.write_text("SQLITE_BUSY_TIMEOUT_MS=5000\n")
     old = time.time() - 10
     os.utime(config, (old, old))
-    (status / f"orders-{os.getpid()}.json").write_text(json.dumps({"busy_timeout": 5000, "synchronous": 1}))
+    (status / f"orders-{os.getpid()}.json").write_text(
+        json.dumps({"role": "orders", "pragmas": {"busy_timeout": 5000, "synchronous": 1}})
+    )
     out = run_module(
         {
             "path": str(chinook),
             "status_dir": str(status),
             "status_expect": {"busy_timeout": 5000, "synchronous": "NORMAL"},
+            "status_section": "pragmas",
             "status_newer_than": str(config),
             "status_wait_s": 2,
         },
