@@ -658,8 +658,8 @@ class ComposeProject:
                 continue
             problems = validate_options(driver, combined.get("options") or {})
             if problems:
-                f, lnode = (defs[-1][0], defs[-1][2]) if defs else (self.definitions(name)[0][0], None)
-                line = deref(lnode).start_mark.line + 1 if lnode is not None else None
+                f = defs[-1][0] if defs else self._home(name)[0]
+                line = defs[-1][1][0].start_mark.line + 1 if defs else None
                 raise ComposeError(
                     f.path, line, f"service {name!r} logging is invalid: {'; '.join(problems)}; fix the values"
                 )
@@ -781,9 +781,11 @@ class ComposeProject:
                 edit = insert_entries(f, node, payload, f"logging for {name}")
             else:
                 edit = replace_value(f, payload[0], payload[1], payload[2], f"logging for {name}")
+            if any(g is f and e.start <= edit.end and edit.start <= e.end for g, e in edits):
+                blocked = True  # touches another edit of this pass: do it in the next pass
+                continue
             edits.append((f, edit))
             changes.append(ServiceChange(name, f.path, kind, combined, None))
-        edits = _drop_same_position(edits)
         return edits, changes, skipped, blocked
 
     def _inherits_from(self, name: str, f: ComposeFile, target_ids: dict) -> bool:
