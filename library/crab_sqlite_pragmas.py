@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.crab_sqlite import ConnectionStatus, SqliteError, SqlitePragmas
@@ -57,6 +58,7 @@ options:
     description:
       - Directory where the application writes one JSON status file per connection, named C(<role>-<pid>.json).
       - When set (and not in check mode), the module waits until every live connection reports O(status_expect).
+      - After a journal mode switch, only reports written after the switch count.
     type: path
   status_expect:
     description:
@@ -221,6 +223,7 @@ def main() -> None:
             quick_check_timeout_s=p["quick_check_timeout_s"],
         )
         result = core.run(journal_mode=p["journal_mode"], check_mode=module.check_mode)
+        finished = time.time()
     except SqliteError as exc:
         module.fail_json(msg=str(exc))
 
@@ -228,10 +231,11 @@ def main() -> None:
         module.warn(warning)
     result["connections"] = {"checked": False}
     if p["status_dir"] and not module.check_mode:
-        newer_than = 0.0
+        # After a switch, only reports written after it count: they show whether the connections moved to WAL.
+        newer_than = finished if result["changed"] else 0.0
         if p["status_newer_than"]:
             try:
-                newer_than = os.stat(p["status_newer_than"]).st_mtime
+                newer_than = max(newer_than, os.stat(p["status_newer_than"]).st_mtime)
             except OSError as exc:
                 module.fail_json(
                     msg=f"Cannot read status_newer_than {p['status_newer_than']}: {exc.strerror}. "

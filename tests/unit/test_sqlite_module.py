@@ -110,6 +110,7 @@ def test_fail_bad_busy_timeout(chinook: Path, capsys):
 
 
 def test_connections_ok(chinook: Path, tmp_path: Path, capsys):
+    run_module({"path": str(chinook)}, capsys)  # already WAL: reports written before this run count
     status = tmp_path / "status"
     status.mkdir()
     config = tmp_path / "edge-server.conf"
@@ -137,6 +138,7 @@ def test_connections_ok(chinook: Path, tmp_path: Path, capsys):
 
 
 def test_fail_connections_mismatch(chinook: Path, tmp_path: Path, capsys):
+    run_module({"path": str(chinook)}, capsys)
     status = tmp_path / "status"
     status.mkdir()
     (status / f"api-{os.getpid()}.json").write_text(json.dumps({"busy_timeout": 0}))
@@ -151,8 +153,8 @@ def test_fail_connections_mismatch(chinook: Path, tmp_path: Path, capsys):
     )
     assert out["failed"] is True
     assert "busy_timeout=0 (want '5000')" in out["msg"]
-    assert out["changed"] is True  # the journal mode switch did happen and is reported
-    assert read_header(str(chinook)).journal_mode == "wal"
+    assert out["changed"] is False
+    assert out["connections"] == {"checked": False}
 
 
 def test_fail_status_newer_than_missing(chinook: Path, tmp_path: Path, capsys):
@@ -166,3 +168,25 @@ def test_fail_status_newer_than_missing(chinook: Path, tmp_path: Path, capsys):
     )
     assert out["failed"] is True
     assert out["msg"].startswith(f"Cannot read status_newer_than {tmp_path / 'missing.conf'}: No such file")
+
+
+def test_after_a_switch_only_reports_written_after_it_count(chinook: Path, tmp_path: Path, capsys):
+    status = tmp_path / "status"
+    status.mkdir()
+    report = status / f"orders-{os.getpid()}.json"
+    report.write_text(json.dumps({"pragmas": {"busy_timeout": 5000, "journal_mode": "wal"}}))
+    args = {
+        "path": str(chinook),
+        "status_dir": str(status),
+        "status_section": "pragmas",
+        "status_expect": {"busy_timeout": 5000, "journal_mode": "wal"},
+        "status_wait_s": 0.5,
+    }
+    out = run_module(args, capsys)  # switches now; the report predates the switch
+    assert out["failed"] is True
+    assert "not rewritten" in out["msg"]
+    assert read_header(str(chinook)).journal_mode == "wal"
+    out = run_module(args, capsys)  # nothing to switch: the same report is good enough
+    assert out.get("failed") is not True, out
+    assert out["changed"] is False
+    assert out["connections"]["ok"] is True
