@@ -227,7 +227,10 @@ ensure_compose() {
     if docker exec crab-postgres pg_isready -q -h 127.0.0.1 -U crab -d crab 2>/dev/null; then
       break
     fi
-    [ "$i" = 120 ] && die "crab-postgres did not accept connections within 60s; see 'docker logs crab-postgres'."
+    if [ "$i" = 120 ] || [ "$(docker container inspect -f '{{.State.Running}}' crab-postgres 2>/dev/null)" != true ]; then
+      docker logs --tail 20 crab-postgres >&2 || true
+      die "crab-postgres is not accepting connections; see 'docker logs crab-postgres'."
+    fi
     sleep 0.5
   done
   "$VENV_BIN/python" "$LAB/seed/seed_pos.py" --password-file "$STATE/secrets/pg_password" --mb "$SEED_MB" >&2
