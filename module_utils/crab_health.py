@@ -285,9 +285,9 @@ class DiskFreeCheck(Check):
     kind = "disk"
 
     def __init__(
-        self, name: str = "disk", path: str = "/", min_free_percent: float = 10, min_free_mb: float = 0, timeout=2.0
+        self, name: str = "", path: str = "/", min_free_percent: float = 10, min_free_mb: float = 0, timeout=2.0
     ):
-        super().__init__(name, timeout)
+        super().__init__(name or f"disk:{path}", timeout)
         self.path, self.min_free_percent, self.min_free_mb = path, float(min_free_percent), float(min_free_mb)
 
     def probe(self) -> tuple[bool, str]:
