@@ -101,7 +101,7 @@ class BackupConfig:
                 f"Cannot read the backup configuration: unknown key(s) {', '.join(unknown)}. "
                 f"Use only: {', '.join(sorted(known))}."
             )
-        cfg = cls(**{k: v for k, v in data.items() if v is not None or k in cls.SECRET_FIELDS})
+        cfg = cls(**data)
         cfg.validate()
         return cfg
 
@@ -1189,3 +1189,74 @@ def cli_main(argv: list[str] | None = None) -> int:
         f"duration_s={result.duration_s}"
     )
     return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared Ansible option fragments (plain dicts: no Ansible import here)
+# --------------------------------------------------------------------------------------------------------------
+def common_argument_spec() -> dict:
+    """Options crab_backup and crab_restore share: where the database and the bucket are, and how to reach them."""
+    return {
+        "container": {"type": "str", "default": "crab-postgres"},
+        "docker": {"type": "str", "default": "docker"},
+        "db_name": {"type": "str", "default": "crab"},
+        "db_user": {"type": "str", "default": "crab"},
+        "db_password": {"type": "str", "no_log": True},
+        "db_host": {"type": "str", "default": "127.0.0.1"},
+        "db_port": {"type": "int", "default": 5432},
+        "admin_user": {"type": "str", "default": "postgres"},
+        "admin_host": {"type": "str"},
+        "bucket": {"type": "str", "default": "crab-backups"},
+        "prefix": {"type": "str", "default": "pg/"},
+        "endpoint_url": {"type": "str"},
+        "region": {"type": "str", "default": "us-east-1"},
+        "access_key": {"type": "str", "no_log": True},
+        "secret_key": {"type": "str", "no_log": True},
+        "sse": {"type": "str", "default": "AES256", "choices": ["AES256", "aws:kms", "none"]},
+        "sse_kms_key_id": {"type": "str"},
+        "local_dir": {"type": "path", "default": "/var/backups/crab"},
+        "state_file": {"type": "path", "default": "/var/lib/crab-ops/backup-state.json"},
+        "name": {"type": "str", "default": "crab"},
+        "lock_wait_s": {"type": "float", "default": 0},
+        "s3_connect_timeout_s": {"type": "int", "default": 5},
+        "s3_max_attempts": {"type": "int", "default": 3},
+    }
+
+
+def backup_argument_spec() -> dict:
+    spec = common_argument_spec()
+    spec.update(
+        {
+            "compressor": {"type": "str", "default": "auto", "choices": ["auto", "zstd", "gzip"]},
+            "compress_level": {"type": "int", "default": 3},
+            "keep_local": {"type": "int", "default": 3},
+            "keep_remote": {"type": "int", "default": 14},
+            "max_age_hours": {"type": "float", "default": 0},
+        }
+    )
+    return spec
+
+
+def restore_argument_spec() -> dict:
+    spec = common_argument_spec()
+    spec.update(
+        {
+            "action": {"type": "str", "default": "drill", "choices": ["restore", "drill"]},
+            "key": {"type": "str"},
+            "target_db": {"type": "str"},
+            "force": {"type": "bool", "default": False},
+            "scratch_db": {"type": "str"},
+        }
+    )
+    return spec
+
+
+def config_from_params(params: dict) -> BackupConfig:
+    """BackupConfig from module params (ignores the module-only options)."""
+    known = {f.name for f in fields(BackupConfig)}
+    return BackupConfig.from_dict({k: v for k, v in params.items() if k in known})
+
+
+def state_summary(state: dict) -> str:
+    keys = ("last_status", "last_success", "last_failure", "key", "size", "sha256", "error")
+    return "".join(f"{k}: {state.get(k)}\n" for k in keys if k in state)
