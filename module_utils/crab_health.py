@@ -177,6 +177,10 @@ class PostgresCheck(Check):
         rc, out, err = run_bounded(self.argv(), self.timeout, env)
         if rc is None:
             return False, f"timeout: no answer from {self.container} within {self.timeout:g}s (hung or paused?)"
+        if rc != 0 and "is paused" in err:
+            return False, f"timeout: {self.container} is paused and cannot answer (docker unpause {self.container})"
+        if rc != 0 and ("timeout expired" in err or "statement timeout" in err):
+            return False, f"timeout: {self.container} did not answer {self.query} in time ({err.strip()})"
         if rc != 0:
             msg = (err or out).strip().splitlines()
             return False, f"{self.query} failed in {self.container} (rc {rc}): {msg[-1] if msg else 'no output'}"
