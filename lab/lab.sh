@@ -112,6 +112,8 @@ cmd_images() {
   build_image edge crab-lab/edge crab-lab/node
   build_image postgres crab-lab/postgres:15 crab-lab/base:bookworm
   build_image cloud-api crab-lab/cloud-api crab-lab/base:bookworm
+  # Old versions of the lab's own images (label crab.lab.context) that nothing uses any more.
+  docker image prune -f --filter label=crab.lab.context >/dev/null
 }
 
 # ---------------------------------------------------------------------------------------------- secrets, ssh
@@ -195,8 +197,9 @@ ensure_hosts() {
   local pub
   pub="$(cat "$STATE/ssh/id_ed25519.pub")"
   docker network inspect "$NET" >/dev/null 2>&1 || docker network create --label "$LABEL" "$NET" >/dev/null
+  # /mnt/crab-full: a tiny tmpfs where the backup tests provoke "disk full" (containers cannot mount one).
   ensure_container crab-lab-cloud1 crab-lab/cloud --network host \
-    -v /var/run/docker.sock:/var/run/docker.sock \
+    -v /var/run/docker.sock:/var/run/docker.sock --tmpfs /mnt/crab-full:rw,size=8m,mode=0700 \
     -e LAB_SSH_PORT="${SSH_PORT[cloud1]}" -e LAB_SSH_LISTEN=127.0.0.1 -e LAB_AUTHORIZED_KEY="$pub"
   local h
   for h in edge1 edge2; do
@@ -275,6 +278,7 @@ cmd_up() {
   ensure_hosts
   ensure_compose
   ensure_ssh
+  docker image prune -f --filter label=crab.lab.context >/dev/null
   touch "$STATE/ready"
   log "up ($(python3 -c "print(f'{$(now) - $t0:.1f}')")s): cloud1 127.0.0.1:2221, edge1 :2222, edge2 :2223, S3 :$S3_PORT, crab-cloud :18080"
 }
@@ -294,21 +298,30 @@ cmd_status() {
   docker ps -a --filter label=com.docker.compose.project=crab --format '  {{.Names}}\t{{.Status}}\t{{.Ports}}'
 }
 
+# remove_all <remove command...> -- <list command...>: run the remove command on every id the list command prints
+remove_all() {
+  local remove=() ids
+  while [ "$1" != -- ]; do
+    remove+=("$1")
+    shift
+  done
+  shift
+  mapfile -t ids < <("$@")
+  if [ "${#ids[@]}" -gt 0 ]; then
+    "${remove[@]}" "${ids[@]}" >/dev/null
+  fi
+}
+
 cmd_down() {
   rm -f "$STATE/ready"
   if [ "$(docker container inspect -f '{{.State.Running}}' crab-lab-cloud1 2>/dev/null)" = true ]; then
     docker exec crab-lab-cloud1 docker compose -p crab down -v --remove-orphans >/dev/null 2>&1 || true
   fi
   # Whatever compose left (cloud1 gone or compose failed): the project's containers, volumes, networks.
-  local ids
-  ids="$(docker ps -aq --filter label=com.docker.compose.project=crab)"
-  [ -n "$ids" ] && docker rm -f $ids >/dev/null
-  ids="$(docker volume ls -q --filter label=com.docker.compose.project=crab)"
-  [ -n "$ids" ] && docker volume rm $ids >/dev/null
-  ids="$(docker network ls -q --filter label=com.docker.compose.project=crab)"
-  [ -n "$ids" ] && docker network rm $ids >/dev/null
-  ids="$(docker ps -aq --filter "label=$LABEL")"
-  [ -n "$ids" ] && docker rm -f $ids >/dev/null
+  remove_all docker rm -f -- docker ps -aq --filter label=com.docker.compose.project=crab
+  remove_all docker volume rm -- docker volume ls -q --filter label=com.docker.compose.project=crab
+  remove_all docker network rm -- docker network ls -q --filter label=com.docker.compose.project=crab
+  remove_all docker rm -f -- docker ps -aq --filter "label=$LABEL"
   docker network rm "$NET" >/dev/null 2>&1 || true
   if weed_running; then
     local pid
@@ -326,19 +339,24 @@ cmd_down() {
 
 cmd_purge() {
   cmd_down
-  local ids
-  ids="$(docker image ls -q --filter 'reference=crab-lab/*')"
-  [ -n "$ids" ] && docker image rm -f $ids >/dev/null
+  remove_all docker image rm -f -- docker image ls -q --filter 'reference=crab-lab/*'
   rm -rf "$STATE/cache"
   log "purged crab-lab images"
 }
 
+# One lab operation at a time: test sessions of several engineers may call `up` together.
+lock() {
+  mkdir -p "$STATE"
+  exec 9>"$STATE/.lock"
+  flock -w 600 9 || die "another lab.sh holds $STATE/.lock for more than 600s."
+}
+
 case "${1:-}" in
-images) cmd_images ;;
-up) cmd_up ;;
+images) lock && cmd_images ;;
+up) lock && cmd_up ;;
 status) cmd_status ;;
-down) cmd_down ;;
-purge) cmd_purge ;;
+down) lock && cmd_down ;;
+purge) lock && cmd_purge ;;
 *)
   sed -n '2,8p' "$0" >&2
   exit 2
