@@ -183,6 +183,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+error:
+  description: The failure message (also in C(msg)), so a task with C(no_log) can register it and show it.
+  returned: failure
+  type: str
+  sample: "pg_dump of database crab on container crab-postgres exited 1: ... Check that PostgreSQL runs ..."
 key:
   description: S3 key of the backup written (or of the fresh one found when skipped).
   returned: success
@@ -264,7 +269,7 @@ def main() -> None:
         cfg = config_from_params(module.params)
         before = read_state(cfg.state_file)
     except BackupError as exc:
-        module.fail_json(msg=str(exc))
+        module.fail_json(msg=str(exc), error=str(exc))
     if fresh_backup(before, module.params["max_age_hours"]):
         module.exit_json(changed=False, skipped_fresh=True, key=before.get("key"), state=before)
     runner = BackupRunner(cfg)
@@ -278,7 +283,7 @@ def main() -> None:
         try:
             done = runner.run()
         except BackupError as exc:
-            module.fail_json(msg=str(exc), state=_safe_state(cfg.state_file))
+            module.fail_json(msg=str(exc), error=str(exc), state=_safe_state(cfg.state_file))
         result.update(asdict(done))
         result["state"] = read_state(cfg.state_file)
         after_text = state_summary(result["state"])

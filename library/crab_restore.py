@@ -160,6 +160,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+error:
+  description: The failure message (also in C(msg)), so a task with C(no_log) can register it and show it.
+  returned: failure
+  type: str
+  sample: "pg_dump of database crab on container crab-postgres exited 1: ... Check that PostgreSQL runs ..."
 key:
   description: S3 key of the backup used.
   returned: success
@@ -218,7 +223,7 @@ def main() -> None:
     try:
         cfg = config_from_params(params)
     except BackupError as exc:
-        module.fail_json(msg=str(exc))
+        module.fail_json(msg=str(exc), error=str(exc))
     restorer = Restorer(cfg)
     action = params["action"]
     if module.check_mode:
@@ -234,16 +239,16 @@ def main() -> None:
         else:
             out = restorer.drill(key=params["key"], scratch_db=params["scratch_db"])
     except BackupError as exc:
-        module.fail_json(msg=str(exc))
+        module.fail_json(msg=str(exc), error=str(exc))
     if action == "drill" and not out["ok"]:
         detail = ", ".join(f"{t} source={c['source']} restored={c['restored']}" for t, c in out["mismatches"].items())
         if not out["event_log_head_match"]:
             detail = (detail + ", " if detail else "") + "event_log hash-chain head differs"
-        module.fail_json(
-            msg=f"Restore drill of {out['key']} failed: {detail}. The backup does not match the source database; "
-            "take a new backup and investigate before relying on this one.",
-            **out,
+        msg = (
+            f"Restore drill of {out['key']} failed: {detail}. The backup does not match the source database; "
+            "take a new backup and investigate before relying on this one."
         )
+        module.fail_json(msg=msg, error=msg, **out)
     result = {"changed": action == "restore", **out}
     if module._diff and action == "restore":
         result["diff"] = {
