@@ -107,7 +107,7 @@ def run_module():
         plan = ComposeProject(files).plan_service_keys(p["services"], p["mode"])
     except ComposeError as exc:
         module.fail_json(msg=f"Cannot set compose healthchecks: {exc}.", path=exc.path, line=exc.line)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         module.fail_json(msg=f"Cannot set compose healthchecks in {p['project_dir']}: {exc}.")
     result = describe(plan)
     result.pop("skipped", None)

@@ -155,8 +155,6 @@ def run_module():
         plan = ComposeProject(files).plan_logging(policy)
     except ComposeError as exc:
         module.fail_json(msg=f"Cannot set compose logging: {exc}.", path=exc.path, line=exc.line)
-    except (OSError, ValueError) as exc:
-        module.fail_json(msg=f"Cannot set compose logging in {p['project_dir']}: {exc}.")
     result = describe(plan)
     result["files"] = files
     result["changed"] = plan.changed
