@@ -22,9 +22,25 @@ from module_utils.crab_backup import BackupConfig
 REPO = Path(__file__).resolve().parents[2]
 WEED = REPO / ".venv" / "bin" / "weed"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-PG_PORT = 28110
-S3_PORT = 28133
 DEAD_PORT = 28199  # nothing listens here: "PostgreSQL stopped" and "S3 unreachable"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _port_block() -> int:
+    """A block of 10 free ports in 28110-28189, so concurrent test sessions (other engineers) do not collide."""
+    for base in range(28110, 28190, 10):
+        if all(_free(base + i) for i in range(10)):
+            return base
+    raise RuntimeError("no free block of 10 ports in 28110-28189 for the backup tests")
+
+
+BASE = _port_block()
+PG_PORT = BASE
+S3_PORT = BASE + 7
 PG_PASSWORD = "crab-test-pw"
 S3_KEY, S3_SECRET = "AKCRABBKTEST", "crab-bk-secret-for-tests"
 BUCKET = "crab-backups"
@@ -165,37 +181,20 @@ class LocalS3:
         }
         (self.root / "s3.json").write_text(json.dumps({"identities": [identity]}))
         env = {**os.environ, "WEED_S3_SSE_KEK": os.urandom(32).hex()}
-        argv = [
-            str(WEED),
-            "server",
-            "-ip",
-            "127.0.0.1",
-            "-ip.bind",
-            "127.0.0.1",
-            "-dir",
-            str(self.root / "data"),
-            "-master.port",
-            "28101",
-            "-master.port.grpc",
-            "28111",
-            "-volume.port",
-            "28102",
-            "-volume.port.grpc",
-            "28112",
-            "-filer.port",
-            "28103",
-            "-filer.port.grpc",
-            "28113",
-            "-s3",
-            "-s3.port",
-            str(S3_PORT),
-            "-s3.port.grpc",
-            "28143",
-            "-s3.config",
-            str(self.root / "s3.json"),
-            "-volume.max",
-            "5",
-        ]
+        ports = {
+            "master.port": BASE + 1,
+            "volume.port": BASE + 2,
+            "filer.port": BASE + 3,
+            "master.port.grpc": BASE + 4,
+            "volume.port.grpc": BASE + 5,
+            "filer.port.grpc": BASE + 6,
+            "s3.port": S3_PORT,
+            "s3.port.grpc": BASE + 8,
+        }
+        argv = [str(WEED), "server", "-s3", "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1", "-volume.max", "5"]
+        argv += ["-dir", str(self.root / "data"), "-s3.config", str(self.root / "s3.json")]
+        for flag, port in ports.items():
+            argv += [f"-{flag}", str(port)]
         with open(self.root / "weed.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         _wait_port(S3_PORT, 60)
