@@ -286,3 +286,34 @@ def test_lab_status_reports_ready(lab):
     assert "ready: yes" in proc.stdout
     for name in ("crab-lab-cloud1", "crab-lab-edge1", "crab-lab-edge2", "crab-postgres", "crab-cloud"):
         assert name in proc.stdout
+
+
+def test_postgres_image_initialises_and_stops_cleanly(lab):
+    """A fresh crab-lab/postgres:15: crab is created with its password; `docker stop` is a clean, quick shutdown."""
+    container = lab.docker.containers.run(
+        "crab-lab/postgres:15",
+        name="crab-lab-test-pg",
+        detach=True,
+        environment={"POSTGRES_USER": "crab", "POSTGRES_DB": "crab", "POSTGRES_PASSWORD": "test-pw"},
+        labels={"crab-lab": "1"},
+    )
+    try:
+        for _ in range(120):
+            ready = container.exec_run(["pg_isready", "-q", "-h", "127.0.0.1", "-U", "crab", "-d", "crab"])
+            if ready.exit_code == 0:
+                break
+            time.sleep(0.5)
+        query = ["psql", "-h", "127.0.0.1", "-U", "crab", "-d", "crab", "-tAc", "SELECT current_user"]
+        ok = container.exec_run(query, environment={"PGPASSWORD": "test-pw"})
+        assert (ok.exit_code, ok.output.strip()) == (0, b"crab")
+        bad = container.exec_run(query, environment={"PGPASSWORD": "wrong"})
+        assert bad.exit_code != 0
+        start = time.monotonic()
+        container.stop(timeout=20)
+        elapsed = time.monotonic() - start
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] == 0
+        assert b"database system is shut down" in container.logs()
+        assert elapsed < 5, f"docker stop took {elapsed:.1f}s: postgres did not get the stop signal"
+    finally:
+        container.remove(force=True, v=True)
