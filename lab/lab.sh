@@ -292,8 +292,6 @@ cmd_status() {
     echo "s3: down"
   fi
   echo "containers:"
-  docker ps -a --filter "label=$LABEL" --filter label=com.docker.compose.project=crab \
-    --format '  {{.Names}}\t{{.Status}}\t{{.Ports}}' 2>/dev/null
   docker ps -a --filter "label=$LABEL" --format '  {{.Names}}\t{{.Status}}\t{{.Ports}}'
   docker ps -a --filter label=com.docker.compose.project=crab --format '  {{.Names}}\t{{.Status}}\t{{.Ports}}'
 }
