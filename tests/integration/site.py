@@ -1,6 +1,6 @@
 """Session fixture `site_applied`: a `--check --diff` run on a fresh lab, then the first real site.yml run.
 
-Registered from conftest.py with `pytest_plugins`. Every integration test that needs the roles applied asks for
+Registered by importing it in conftest.py. Every integration test that needs the roles applied asks for
 `site_applied`; the lab is reset first when an earlier session already applied site.yml, so the dry run always
 sees a fresh lab.
 """
