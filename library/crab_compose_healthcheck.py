@@ -29,7 +29,7 @@ options:
     elements: path
     default: []
   services:
-    description: Map of service name to the keys to set, for example C({api: {healthcheck: {...}}}).
+    description: Map of service name to the keys to set (key name to its value, for example C(healthcheck)).
     type: dict
     required: true
   mode:
