@@ -511,7 +511,8 @@ class S3Store:
                 f"Cannot {action} {where}: the bucket {self.cfg.bucket} does not exist at {endpoint}. "
                 "Create it or fix backup_s3_bucket."
             )
-        return BackupError(f"Cannot {action} {where}: {name} {code} {exc}. Check the S3 settings and service.")
+        detail = str(exc).rstrip(". ")
+        return BackupError(f"Cannot {action} {where}: {name} {code}: {detail}. Check the S3 settings and service.")
 
     def check_bucket(self) -> None:
         try:
