@@ -64,7 +64,7 @@ def test_backup_now_then_restore_drill(site_applied, lab):
 
 
 def test_drill_fails_when_the_source_has_diverged(site_applied, lab):
-    lab.psql("INSERT INTO tenants (name) VALUES ('crab-bk drill divergence');")
+    lab.psql("INSERT INTO tenants (id, name) SELECT max(id) + 1000000, 'crab-bk drill divergence' FROM tenants;")
     try:
         drill = lab.playbook("playbooks/restore-drill.yml")
     finally:
