@@ -376,3 +376,20 @@ def test_service_keys_unknown_service(tmp_path):
     path = fixture("base.yml", tmp_path)
     with pytest.raises(ComposeError, match="no service named postgres"):
         ComposeProject([path]).plan_service_keys({"postgres": {"healthcheck": {"test": ["NONE"]}}})
+
+
+def test_service_keys_enforce_replaces_and_add_keeps(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text(
+        'services:\n  postgres:\n    image: p\n    healthcheck:\n      test: ["CMD", "true"]  # old\n'
+        "    # trailing comment\n  app:\n    image: a\n"
+    )
+    wanted = {"postgres": {"healthcheck": {"test": ["CMD-SHELL", "pg_isready"], "interval": "10s"}}}
+    assert not ComposeProject([str(path)]).plan_service_keys(wanted, "add").changed
+    plan = ComposeProject([str(path)]).plan_service_keys(wanted, "enforce")
+    after = plan.files[0].after
+    assert load_data(after)["services"]["postgres"]["healthcheck"] == {"test": ["CMD-SHELL", "pg_isready"],
+                                                                       "interval": "10s"}  # fmt: skip
+    assert "    # trailing comment\n  app:\n    image: a\n" in after
+    with pytest.raises(ValueError, match="mode"):
+        ComposeProject([str(path)]).plan_service_keys(wanted, "replace")
