@@ -294,6 +294,8 @@ class ComposeFile:
 
     def is_project(self) -> bool:
         """True when at least one service can run on its own (image, build or extends)."""
+        if not self.services:
+            return True  # nothing to do, but nothing wrong either
         return any(any(lookup(s, k) for k in ("image", "build", "extends")) for s in self.services.values())
 
 
@@ -374,6 +376,9 @@ def content_end(node, text: str) -> int:
             return node.end_mark.index
         return content_end(node.value[-1], text)
     end = node.end_mark.index
+    header = text[node.start_mark.index : text.find("\n", node.start_mark.index)]
+    if node.style in ("|", ">") and "+" in header:
+        return end  # keep chomping: trailing blank lines belong to the value
     if node.style in ("|", ">"):
         while end > node.start_mark.index and text[end - 1] in " \t\r\n":
             end -= 1
@@ -429,7 +434,7 @@ def insert_entries(cf: ComposeFile, mapping, entries: dict, why: str) -> Edit:
     col = key_column(mapping)
     step = indent_step(cf)
     end = content_end(mapping, text)
-    pos = line_end(text, end)
+    pos = end if end > 0 and text[end - 1] == "\n" else line_end(text, end)
     prefix = ""
     if pos == len(text) and not text.endswith("\n"):
         prefix = cf.nl
@@ -442,6 +447,8 @@ def replace_value(cf: ComposeFile, knode, vnode, value, why: str) -> Edit:
     text = cf.text
     if isinstance(vnode, AliasRef):
         start, end = vnode.start_mark.index, vnode.end_mark.index
+    elif isinstance(vnode, ScalarNode) and vnode.value == "" and vnode.style is None:
+        start = end = knode.end_mark.index  # `key:` with nothing after it
     else:
         node = vnode
         start = node.start_mark.index
@@ -461,7 +468,7 @@ def replace_value(cf: ComposeFile, knode, vnode, value, why: str) -> Edit:
         # key not first on its line (e.g. `- key: v`): keep the flow form on the same line
         return Edit(start, end, render_flow(value), why)
     new = render_block(knode.value, value, col, step, cf.nl)
-    stop = line_end(text, end)
+    stop = end if end > 0 and text[end - 1] == "\n" else line_end(text, end)
     return Edit(line_start(text, kstart), stop, new, why)
 
 
@@ -715,6 +722,10 @@ class ComposeProject:
                 planned.append((name, f, svc, "insert", entry, combined, svc))
                 continue
             f, (lknode, lvnode, _owner), lnode = defs[-1]
+            if isinstance(lnode, ScalarNode) and lnode.value in ("", "~", "null", "Null", "NULL"):
+                entry = {"driver": policy.driver, "options": dict(want)}
+                planned.append((name, f, lnode, "replace", (lknode, lvnode, entry), combined, lnode))
+                continue
             if not isinstance(lnode, MappingNode):
                 raise ComposeError(f.path, lknode.start_mark.line + 1, f"service {name!r}: `logging:` is not a map")
             c_opts = (combined or {}).get("options") or {}

@@ -393,3 +393,33 @@ def test_service_keys_enforce_replaces_and_add_keeps(tmp_path):
     assert "    # trailing comment\n  app:\n    image: a\n" in after
     with pytest.raises(ValueError, match="mode"):
         ComposeProject([str(path)]).plan_service_keys(wanted, "replace")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "services:\n  a:\n    image: x\n    logging:\n  b:\n    image: y\n    logging: ~\n",
+        "services:\n  a:\n    image: x\n    command: |+\n      echo hi\n\n  b:\n    image: y\n",
+        "services:\n  a:\n    image: x\n    command: |\n      echo hi\n\n\n  b:\n    image: y\n",
+        "x-base: &base\n  restart: always\nservices:\n  a:\n    image: x\n    <<: *base\n  b:\n    image: y\n",
+        "\ufeffservices:\n  a:\n    image: x\n...\n",
+        "services:\n  a:\n    image: x\n    logging: &lg\n      driver: json-file\n"
+        "  b:\n    image: y\n    logging: *lg\n",
+    ],
+    ids=["null-logging", "keep-scalar", "clip-scalar", "alias-last", "bom-doc-end", "service-anchor"],
+)
+def test_edge_shapes(text):
+    plan = ComposeProject(["mem.yml"], {"mem.yml": text}).plan_logging(LoggingPolicy())
+    data = load_data(plan.files[0].after)
+    before = load_data(text)
+    for name, svc in data["services"].items():
+        assert svc["logging"]["options"] == WANT, name
+        assert {k: v for k, v in svc.items() if k != "logging"} == {
+            k: v for k, v in before["services"][name].items() if k != "logging"
+        }
+    assert not ComposeProject(["mem.yml"], {"mem.yml": plan.files[0].after}).plan_logging(LoggingPolicy()).changed
+
+
+def test_empty_services_is_nothing_to_do():
+    plan = ComposeProject(["mem.yml"], {"mem.yml": "services: {}\n"}).plan_logging(LoggingPolicy())
+    assert not plan.changed
