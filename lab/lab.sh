@@ -273,6 +273,13 @@ cmd_up() {
   local t0
   t0="$(now)"
   cmd_images
+  if [ ! -s "$STATE/secrets/pg_password" ] && [ -n "$(docker ps -aq --filter "label=$LABEL")$(docker volume ls -q \
+    --filter label=com.docker.compose.project=crab)" ]; then
+    # Containers and volumes of a lab whose secrets are gone (another checkout, or a CI clone on a used machine):
+    # their keys and passwords are unknown here, so start from nothing rather than fail on a stale password.
+    log "removing a stale lab whose secrets are not in $STATE"
+    remove_lab_containers
+  fi
   ensure_secrets
   ensure_s3
   ensure_hosts
@@ -310,8 +317,8 @@ remove_all() {
   fi
 }
 
-cmd_down() {
-  rm -f "$STATE/ready"
+# The lab's containers, compose project, volumes and networks, whichever checkout made them.
+remove_lab_containers() {
   if [ "$(docker container inspect -f '{{.State.Running}}' crab-lab-cloud1 2>/dev/null)" = true ]; then
     docker exec crab-lab-cloud1 docker compose -p crab down -v --remove-orphans >/dev/null 2>&1 || true
   fi
@@ -321,6 +328,11 @@ cmd_down() {
   remove_all docker network rm -- docker network ls -q --filter label=com.docker.compose.project=crab
   remove_all docker rm -f -- docker ps -aq --filter "label=$LABEL"
   docker network rm "$NET" >/dev/null 2>&1 || true
+}
+
+cmd_down() {
+  rm -f "$STATE/ready"
+  remove_lab_containers
   if weed_running; then
     local pid
     pid="$(cat "$STATE/s3/weed.pid")"
