@@ -584,8 +584,8 @@ class PlanResult:
 def _combined_logging(defs):
     """compose's rule across files: later logging overrides; options merge when the driver is the same."""
     combined = None
-    for _, _, lnode in defs:
-        plain = to_plain(lnode)
+    for item in defs:
+        plain = item if isinstance(item, dict) else to_plain(item[2])
         if not isinstance(plain, dict):
             plain = {}
         if combined is None:
@@ -637,7 +637,7 @@ class ComposeProject:
         """Edit until every service complies; each pass re-parses so merge-key inheritance is seen."""
         changed: dict[str, ServiceChange] = {}
         originals = {f.path: f.text for f in self.files}
-        first = {name: _combined_logging(self._logging_defs(name)) for name in self.service_names()}
+        first = {name: self.effective_logging(name) for name in self.service_names()}
         all_edits: dict[str, list] = {f.path: [] for f in self.files}
         skipped: list[dict] = []
         for _ in range(20):
@@ -659,7 +659,7 @@ class ComposeProject:
         # final state per service, validated before anything is written
         for name in self.service_names():
             defs = self._logging_defs(name)
-            combined = _combined_logging(defs) or {}
+            combined = self.effective_logging(name) or {}
             driver = combined.get("driver")
             if driver in KEEP_DRIVERS:
                 continue
@@ -672,7 +672,7 @@ class ComposeProject:
                 )
         changed = {}
         for name in self.service_names():
-            now = _combined_logging(self._logging_defs(name))
+            now = self.effective_logging(name)
             if now != first.get(name):
                 home = self._logging_defs(name)
                 path = home[-1][0].path if home else self._home(name)[0].path
@@ -691,6 +691,52 @@ class ComposeProject:
             raise ComposeError(f.path, exc.line, f"the edit produced invalid YAML ({exc}); report this file") from None
         f.text, f.root, f.services = fresh.text, fresh.root, fresh.services
 
+    def _extends_chain(self, name: str) -> list[dict]:
+        """Logging inherited through `extends` (same file or another file), base first; never edited here."""
+        for f, svc in reversed(self.definitions(name)):
+            if lookup(svc, "extends") is not None:
+                return self._extends_logging(f, svc, name, 0)
+        return []
+
+    def _extends_target(self, f: ComposeFile, svc, name: str):
+        hit = lookup(svc, "extends")
+        if hit is None:
+            return None
+        ext = to_plain(hit[1])
+        target, other = (ext, None) if isinstance(ext, str) else (ext.get("service"), ext.get("file"))
+        line = hit[0].start_mark.line + 1
+        if not target:
+            raise ComposeError(f.path, line, f"service {name!r}: extends names no service; add `service:`")
+        tf = f
+        if other:
+            path = os.path.join(os.path.dirname(f.real_path), other)
+            cache = self.__dict__.setdefault("_extends_files", {})
+            if path not in cache:
+                try:
+                    cache[path] = ComposeFile(path)
+                except ComposeError as exc:
+                    raise ComposeError(f.path, line, f"service {name!r} extends {other}: {exc}") from None
+            tf = cache[path]
+        if target not in tf.services:
+            raise ComposeError(f.path, line, f"service {name!r} extends {target!r}, which {tf.path} does not define")
+        return tf, tf.services[target], target
+
+    def _extends_logging(self, f: ComposeFile, svc, name: str, depth: int) -> list[dict]:
+        if depth > 10:
+            raise ComposeError(f.path, None, f"service {name!r}: extends chain deeper than 10 (a loop?)")
+        found = self._extends_target(f, svc, name)
+        if found is None:
+            return []
+        tf, tsvc, tname = found
+        chain = self._extends_logging(tf, tsvc, tname, depth + 1)
+        hit = lookup(tsvc, "logging")
+        if hit is not None and isinstance(to_plain(hit[1]), dict):
+            chain.append(to_plain(hit[1]))
+        return chain
+
+    def effective_logging(self, name: str):
+        return _combined_logging(self._extends_chain(name) + self._logging_defs(name))
+
     def _logging_defs(self, name: str):
         out = []
         for f, svc in self.definitions(name):
@@ -707,7 +753,7 @@ class ComposeProject:
         want = policy.options()
         for name in self.service_names():
             defs = self._logging_defs(name)
-            combined = _combined_logging(defs)
+            combined = self.effective_logging(name)
             driver = (combined or {}).get("driver")
             if driver in KEEP_DRIVERS and policy.mode == "add":
                 skipped.append({"service": name, "driver": driver, "reason": "remote or journald driver kept"})
@@ -718,6 +764,19 @@ class ComposeProject:
                 continue
             if not defs:
                 f, svc = self._home(name)
+                if combined:  # inherited through extends: add only what is missing, in this service
+                    have = combined.get("options") or {}
+                    part = {} if driver else {"driver": policy.driver}
+                    missing = {
+                        k: v for k, v in want.items() if k not in have or (policy.mode == "enforce" and have[k] != v)
+                    }
+                    if policy.mode == "enforce" and driver != policy.driver:
+                        part = {"driver": policy.driver}
+                    if missing:
+                        part["options"] = missing
+                    if part:
+                        planned.append((name, f, svc, "insert", {"logging": part}, combined, svc))
+                    continue
                 entry = {"logging": {"driver": policy.driver, "options": dict(want)}}
                 planned.append((name, f, svc, "insert", entry, combined, svc))
                 continue
@@ -752,7 +811,13 @@ class ComposeProject:
                 raise ComposeError(
                     f.path, ohit[0].start_mark.line + 1, f"service {name!r}: `logging.options` is not a map"
                 )
-            missing = {k: v for k, v in want.items() if k not in c_opts}
+            own_opts = to_plain(ohit[1]) if ohit is not None else {}
+            own_opts = own_opts if isinstance(own_opts, dict) else {}
+            missing = {
+                k: v
+                for k, v in want.items()
+                if k not in c_opts or (policy.mode == "enforce" and c_opts[k] != v and k not in own_opts)
+            }
             if onode is None:
                 if missing:
                     planned.append((name, f, lnode, "insert", {"options": missing}, combined, lnode))
@@ -802,6 +867,9 @@ class ComposeProject:
     def _inherits_from(self, name: str, f: ComposeFile, target_ids: dict) -> bool:
         svc = f.services[name]
         stack = list(merge_sources(svc))
+        found = self._extends_target(f, svc, name)
+        if found is not None and found[0] in self.files:
+            stack.append(found[1])
         seen = set()
         while stack:
             m = stack.pop()

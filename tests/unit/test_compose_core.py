@@ -423,3 +423,40 @@ def test_edge_shapes(text):
 def test_empty_services_is_nothing_to_do():
     plan = ComposeProject(["mem.yml"], {"mem.yml": "services: {}\n"}).plan_logging(LoggingPolicy())
     assert not plan.changed
+
+
+@pytest.mark.parametrize(
+    ("mode", "changed", "want"),
+    [
+        (
+            "add",
+            ["a", "c", "d"],
+            {
+                "a": {"driver": "json-file", "options": {"max-size": "5m", "max-file": "3"}},
+                "b": {"driver": "syslog"},
+                "c": {"driver": "json-file", "options": WANT},
+                "d": {"driver": "json-file", "options": WANT},
+            },
+        ),
+        ("enforce", ["a", "b", "c", "d"], {s: {"driver": "json-file", "options": WANT} for s in "abcd"}),
+    ],
+)
+def test_extends_inherited_logging(tmp_path, mode, changed, want):
+    """Logging inherited through `extends` counts; the shared extends file is never edited."""
+    common, main = fixture("extends-common.yml", tmp_path), fixture("extends-main.yml", tmp_path)
+    before_common = Path(common).read_bytes()
+    plan = ComposeProject([main]).plan_logging(LoggingPolicy(mode=mode))
+    assert sorted(describe(plan)["changed_services"]) == changed
+    apply(plan)
+    assert Path(common).read_bytes() == before_common
+    model = compose_config([main])
+    assert {name: svc.get("logging") for name, svc in model["services"].items()} == want
+    assert not ComposeProject([main]).plan_logging(LoggingPolicy(mode=mode)).changed
+
+
+def test_extends_missing_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("services:\n  a:\n    image: x\n    extends:\n      file: nope.yml\n      service: z\n")
+    with pytest.raises(ComposeError, match=r"extends nope\.yml") as err:
+        ComposeProject([str(path)]).plan_logging(LoggingPolicy())
+    assert err.value.line == 4
