@@ -9,8 +9,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import boto3
@@ -38,7 +40,12 @@ def _port_block() -> int:
     raise RuntimeError("no free block of 10 ports in 28110-28189 for the backup tests")
 
 
-BASE = _port_block()
+# pytest imports this file under its own name and the test modules import it as tests.unit.test_backup_fixtures:
+# two module objects. The port block and the servers must be one per process, so they live in one registry.
+_REGISTRY = sys.modules.setdefault("_crab_bk_test_servers", types.ModuleType("_crab_bk_test_servers"))
+if not hasattr(_REGISTRY, "base"):
+    _REGISTRY.base = _port_block()
+BASE = _REGISTRY.base
 PG_PORT = BASE
 S3_PORT = BASE + 7
 PG_PASSWORD = "crab-test-pw"
@@ -110,7 +117,12 @@ class LocalPostgres:
         self.sql("crab", SEED_SQL)
 
     def stop(self) -> None:
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run(
+                ["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
+                capture_output=True,
+                check=False,
+            )
 
     def admin(self, sql: str, db: str = "postgres") -> str:
         out = subprocess.run(
@@ -192,6 +204,8 @@ class LocalS3:
             "s3.port.grpc": BASE + 8,
         }
         argv = [str(WEED), "server", "-s3", "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1", "-volume.max", "5"]
+        # weed also opens Iceberg (8181) and Lance (9101) servers and may phone home: all off (loopback only)
+        argv += ["-s3.port.iceberg", "0", "-s3.port.lance", "0", "-master.telemetry=false"]
         argv += ["-dir", str(self.root / "data"), "-s3.config", str(self.root / "s3.json")]
         for flag, port in ports.items():
             argv += [f"-{flag}", str(port)]
@@ -235,44 +249,60 @@ class LocalS3:
         return out
 
 
+class _Shared:
+    """One server per pytest session, even though several test modules import these fixtures (each import is its
+    own fixture definition): started by the first user, stopped when the last one is done."""
+
+    def __init__(self, factory, prefix: str):
+        self.factory, self.prefix = factory, prefix
+        self.users = 0
+        self.server = None
+        self.root: Path | None = None
+
+    def acquire(self):
+        if self.server is None:
+            self.root = Path(tempfile.mkdtemp(prefix=self.prefix))
+            server = self.factory(self.root)
+            try:
+                server.start()
+            except BaseException:
+                server.stop()
+                shutil.rmtree(self.root, ignore_errors=True)
+                raise
+            self.server = server
+        self.users += 1
+        return self.server
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.server is not None:
+            self.server.stop()
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.server = None
+
+
+if not hasattr(_REGISTRY, "pg"):
+    _REGISTRY.pg = _Shared(LocalPostgres, "crab-bk-pg-")
+    _REGISTRY.s3 = _Shared(LocalS3, "crab-bk-s3-")
+_PG, _S3 = _REGISTRY.pg, _REGISTRY.s3
+
+
 @pytest.fixture(scope="session")
 def pg_server():
-    root = Path(tempfile.mkdtemp(prefix="crab-bk-pg-"))
-    server = LocalPostgres(root)
+    server = _PG.acquire()
     try:
-        server.start()
         yield server
     finally:
-        if server.data.exists():
-            subprocess.run(
-                [
-                    "runuser",
-                    "-u",
-                    "postgres",
-                    "--",
-                    str(PG_BIN / "pg_ctl"),
-                    "-D",
-                    str(server.data),
-                    "-m",
-                    "fast",
-                    "stop",
-                ],
-                capture_output=True,
-                check=False,
-            )
-        shutil.rmtree(root, ignore_errors=True)
+        _PG.release()
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    root = Path(tempfile.mkdtemp(prefix="crab-bk-s3-"))
-    server = LocalS3(root)
+    server = _S3.acquire()
     try:
-        server.start()
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        _S3.release()
 
 
 @pytest.fixture
