@@ -136,6 +136,11 @@ options:
     description: Compression level.
     type: int
     default: 3
+  dump_lock_timeout_s:
+    description:
+      - Seconds C(pg_dump) waits for a table lock held by another session before the run fails (C(0) waits forever).
+    type: int
+    default: 600
   keep_local:
     description: Newest local backups to keep (at least 1).
     type: int

@@ -86,6 +86,8 @@ class BackupConfig:
     keep_local: int = 3
     keep_remote: int = 14
     lock_wait_s: float = 0
+    # pg_dump gives up (and the run fails loudly) when a table stays locked exclusively this long; 0 waits forever.
+    dump_lock_timeout_s: int = 600
     s3_connect_timeout_s: int = 5
     s3_max_attempts: int = 3
     docker: str = "docker"
@@ -271,7 +273,10 @@ class PgClient:
         return args
 
     def dump_argv(self) -> list[str]:
-        return self._wrap(["pg_dump", *self.user_conn(self.cfg.db_name), "-Fc", "-Z0", "--no-password"])
+        argv = ["pg_dump", *self.user_conn(self.cfg.db_name), "-Fc", "-Z0", "--no-password"]
+        if self.cfg.dump_lock_timeout_s > 0:
+            argv.append(f"--lock-wait-timeout={self.cfg.dump_lock_timeout_s}s")
+        return self._wrap(argv)
 
     def restore_argv(self, dbname: str, no_owner: bool = False) -> list[str]:
         argv = ["pg_restore", *self.user_conn(dbname), "--exit-on-error", "--no-password"]
@@ -1230,6 +1235,7 @@ def backup_argument_spec() -> dict:
         {
             "compressor": {"type": "str", "default": "auto", "choices": ["auto", "zstd", "gzip"]},
             "compress_level": {"type": "int", "default": 3},
+            "dump_lock_timeout_s": {"type": "int", "default": 600},
             "keep_local": {"type": "int", "default": 3},
             "keep_remote": {"type": "int", "default": 14},
             "max_age_hours": {"type": "float", "default": 0},

@@ -202,6 +202,29 @@ def test_fault_pg_dump_killed_mid_dump(backup_cfg, pg_server, s3_server, good_ba
     _assert_fault_left_no_trace(backup_cfg, s3_server, before_local, before_remote, good_backup, errors[0])
 
 
+def test_fault_table_locked_longer_than_the_dump_waits(backup_cfg, pg_server, s3_server, good_backup):
+    holder = subprocess.Popen(
+        ["psql", "-h", str(pg_server.sock), "-p", str(PG_PORT), "-U", "postgres", "-d", "crab", "-X", "-q"],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    holder.stdin.write("BEGIN; LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(20);\n")
+    holder.stdin.flush()
+    time.sleep(0.5)
+    try:
+        started = time.monotonic()
+        msg = _run_fault(replace(backup_cfg, dump_lock_timeout_s=1), s3_server, good_backup, r"^pg_dump of database")
+        assert time.monotonic() - started < 15
+        assert "statement timeout" in msg and "LOCK TABLE public.tenants" in msg
+    finally:
+        pg_server.admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()"
+        )
+        holder.kill()
+        holder.wait()
+
+
 def test_fault_s3_unreachable(backup_cfg, s3_server, good_backup):
     cfg = replace(backup_cfg, endpoint_url=f"http://127.0.0.1:{DEAD_PORT}")
     started = time.monotonic()
