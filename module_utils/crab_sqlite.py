@@ -542,7 +542,7 @@ class ConnectionStatus:
                 report["waiting"].append(name)
                 continue
             wrong = {
-                key: {"expected": want, "actual": data.get(key)}
+                key: {"expected": want, "actual": settings.get(key)}
                 for key, want in self.expect.items()
                 if key not in settings or normalize_setting(key, settings[key]) != want
             }

@@ -466,6 +466,15 @@ def test_connection_status_waits_for_files_newer_than_the_config(tmp_path: Path)
     assert report["waited_s"] >= 0.4
 
 
+def test_connection_status_mismatch_in_a_section_names_the_reported_value(tmp_path: Path):
+    # The lab's stand-in nests its pragmas under "pragmas": the message must show what the connection uses there.
+    _status(tmp_path, f"orders-{os.getpid()}.json", pragmas={"busy_timeout": 0, "synchronous": 2})
+    with pytest.raises(SqliteError, match=r"busy_timeout=0 \(want '5000'\), synchronous=2 \(want '1'\)"):
+        ConnectionStatus(
+            str(tmp_path), {"busy_timeout": 5000, "synchronous": "NORMAL"}, wait_s=0, section="pragmas"
+        ).wait()
+
+
 def test_connection_status_no_connections(tmp_path: Path):
     with pytest.raises(SqliteError, match="0 live connection"):
         ConnectionStatus(str(tmp_path / "absent"), {"busy_timeout": 5000}, wait_s=0).wait()
