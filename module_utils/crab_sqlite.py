@@ -517,6 +517,12 @@ class ConnectionStatus:
             names = sorted(os.listdir(self.status_dir))
         except FileNotFoundError:
             names = []
+        except OSError as exc:
+            raise SqliteError(
+                f"Cannot read the application's status directory {self.status_dir}: {exc.strerror}. Point "
+                "status_dir at the directory the application writes its <role>-<pid>.json files to, readable by "
+                "the database owner (or set it empty to skip the check)."
+            ) from exc
         for name in names:
             match = _STATUS_NAME.match(name)
             if not match:

@@ -480,6 +480,15 @@ def test_connection_status_no_connections(tmp_path: Path):
         ConnectionStatus(str(tmp_path / "absent"), {"busy_timeout": 5000}, wait_s=0).wait()
 
 
+def test_connection_status_dir_that_is_a_file_fails_with_a_message(tmp_path: Path):
+    not_a_dir = tmp_path / "edge.db"
+    not_a_dir.write_text("")
+    with pytest.raises(
+        SqliteError, match=r"Cannot read the application's status directory .*edge\.db: Not a directory"
+    ):
+        ConnectionStatus(str(not_a_dir), {"busy_timeout": 5000}, wait_s=0).wait()
+
+
 def test_connection_status_stale_only_waits_then_fails(tmp_path: Path):
     _status(tmp_path, f"orders-{os.getpid()}.json", busy_timeout=5000)
     with pytest.raises(SqliteError, match="not rewritten since the config changed"):
