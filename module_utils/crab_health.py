@@ -365,8 +365,11 @@ def build_checks(specs: list[dict]) -> list[Check]:
         spec.pop("enabled", None)
         try:
             check = _FACTORIES[kind](**spec)
-        except TypeError as exc:
-            raise CheckConfigError(f"check {spec.get('name', kind)} ({kind}): {exc}") from None
+        except CheckConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            # unknown field, or a number field (min_free_percent, max_age_hours, expect_status, ...) not a number
+            raise CheckConfigError(f"check {spec.get('name', kind)} ({kind}): {exc}; fix that field") from None
         if check.name in names:
             raise CheckConfigError(f"two checks are named {check.name}; give each check its own name")
         names.add(check.name)

@@ -252,6 +252,9 @@ def test_run_bounded_kills_group():
         ({"type": "disk", "name": "d", "timeout": "soon"}, "not a number"),
         ({"type": "disk", "name": "d", "timeout": 0}, "more than 0"),
         ({"type": "backup", "name": ""}, "no name"),
+        ({"type": "disk", "name": "d", "min_free_percent": "ten"}, r"check d \(disk\): could not convert"),
+        ({"type": "backup", "name": "b", "max_age_hours": "a day"}, r"check b \(backup\): could not convert"),
+        ({"type": "http", "name": "a", "url": "http://x", "expect_status": "OK"}, r"check a \(http\): invalid"),
     ],
 )
 def test_build_checks_errors(spec, text):
