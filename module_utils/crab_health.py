@@ -447,7 +447,10 @@ def notify_on_change(previous: dict | None, current: dict, url: str, timeout: fl
     try:
         status, _ = http_request("POST", url, body, timeout)
     except OSError as exc:
-        return f"webhook failed: {exc}"
+        # The URL is a secret (it carries the alert token) and this text lands in the 0644 state file and the log.
+        parts = urllib.parse.urlsplit(url)
+        shown = f"{parts.scheme}://{parts.hostname}/..." if parts.hostname else "<webhook_url>"
+        return f"webhook {shown} failed: {str(exc).replace(url, shown)}; check healthcheck_webhook_url"
     return f"webhook HTTP {status}"
 
 
