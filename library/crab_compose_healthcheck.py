@@ -3,8 +3,16 @@
 
 from __future__ import annotations
 
+import sys
+
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.crab_compose import ComposeError, ComposeProject, apply, describe, resolve_files
+
+try:
+    from ansible.module_utils.crab_compose import ComposeError, ComposeProject, apply, describe, resolve_files
+except ImportError as exc:  # crab_compose needs ruamel.yaml, which the managed host may lack
+    COMPOSE_IMPORT_ERROR = exc
+else:
+    COMPOSE_IMPORT_ERROR = None
 
 DOCUMENTATION = r"""
 ---
@@ -18,6 +26,8 @@ description:
     existing dependency with C(condition=service_started).
 version_added: "0.1.0"
 author: crab-ops
+requirements:
+  - ruamel.yaml (Debian package python3-ruamel.yaml) on the managed host
 options:
   project_dir:
     description: Directory of the compose project.
@@ -95,6 +105,12 @@ def run_module():
         },
         supports_check_mode=True,
     )
+    if COMPOSE_IMPORT_ERROR is not None:
+        module.fail_json(
+            msg=f"Cannot set compose healthchecks: ruamel.yaml is missing on the managed host "
+            f"({sys.executable}: {COMPOSE_IMPORT_ERROR}). Install the Debian package python3-ruamel.yaml there, or "
+            "point ansible_python_interpreter at a Python that has it."
+        )
     p = module.params
     bad = [name for name, keys in p["services"].items() if not isinstance(keys, dict)]
     if bad:

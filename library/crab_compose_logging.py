@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import sys
+
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.crab_compose import (
-    ComposeError,
-    ComposeProject,
-    LoggingPolicy,
-    apply,
-    describe,
-    resolve_files,
-)
+
+try:
+    from ansible.module_utils.crab_compose import (
+        ComposeError,
+        ComposeProject,
+        LoggingPolicy,
+        apply,
+        describe,
+        resolve_files,
+    )
+except ImportError as exc:  # crab_compose needs ruamel.yaml, which the managed host may lack
+    COMPOSE_IMPORT_ERROR = exc
+else:
+    COMPOSE_IMPORT_ERROR = None
 
 DOCUMENTATION = r"""
 ---
@@ -34,6 +42,8 @@ description:
     target, keeps owner and mode.
 version_added: "0.1.0"
 author: crab-ops
+requirements:
+  - ruamel.yaml (Debian package python3-ruamel.yaml) on the managed host
 options:
   project_dir:
     description: Directory of the compose project; relative O(files) and its C(.env) are read from here.
@@ -143,6 +153,12 @@ def run_module():
         },
         supports_check_mode=True,
     )
+    if COMPOSE_IMPORT_ERROR is not None:
+        module.fail_json(
+            msg=f"Cannot set compose logging: ruamel.yaml is missing on the managed host "
+            f"({sys.executable}: {COMPOSE_IMPORT_ERROR}). Install the Debian package python3-ruamel.yaml there, or "
+            "point ansible_python_interpreter at a Python that has it."
+        )
     p = module.params
     try:
         policy = LoggingPolicy(max_size=p["max_size"], max_file=p["max_file"], mode=p["mode"], driver=p["driver"])

@@ -3,8 +3,16 @@
 
 from __future__ import annotations
 
+import sys
+
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible.module_utils.crab_compose import ProjectLogVerifier
+
+try:
+    from ansible.module_utils.crab_compose import ProjectLogVerifier
+except ImportError as exc:  # crab_compose needs ruamel.yaml, which the managed host may lack
+    COMPOSE_IMPORT_ERROR = exc
+else:
+    COMPOSE_IMPORT_ERROR = None
 
 try:
     import docker
@@ -26,6 +34,7 @@ description:
 version_added: "0.1.0"
 author: crab-ops
 requirements:
+  - ruamel.yaml (Debian package python3-ruamel.yaml) on the managed host
   - docker (Python SDK) on the managed host
 options:
   project:
@@ -113,6 +122,12 @@ def run_module():
         },
         supports_check_mode=True,
     )
+    if COMPOSE_IMPORT_ERROR is not None:
+        module.fail_json(
+            msg=f"Cannot verify container log settings: ruamel.yaml is missing on the managed host "
+            f"({sys.executable}: {COMPOSE_IMPORT_ERROR}). Install the Debian package python3-ruamel.yaml there, or "
+            "point ansible_python_interpreter at a Python that has it."
+        )
     p = module.params
     if not HAS_DOCKER:
         module.fail_json(msg=missing_required_lib("docker"))

@@ -40,6 +40,18 @@ def run(mod, args: dict, capsys, check_mode=False, diff=False) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("name", ["crab_compose_logging", "crab_compose_healthcheck", "crab_compose_verify"])
+def test_missing_ruamel_on_the_host_says_what_to_install(name, project, capsys, monkeypatch):
+    # A real EC2 host may lack python3-ruamel.yaml: the module must say so, not die with an ImportError.
+    monkeypatch.setitem(sys.modules, "ansible.module_utils.crab_compose", None)
+    mod = load(name)
+    args = {"project": "crab"} if name == "crab_compose_verify" else {"project_dir": str(project)}
+    if name == "crab_compose_healthcheck":
+        args["services"] = {"db": {"healthcheck": {"test": ["CMD", "true"]}}}
+    out = run(mod, args, capsys)
+    assert out["failed"] is True and "ruamel.yaml is missing" in out["msg"] and "python3-ruamel.yaml" in out["msg"]
+
+
 @pytest.fixture
 def project(tmp_path):
     shutil.copy(FIXTURES / "base.yml", tmp_path / "docker-compose.yml")
