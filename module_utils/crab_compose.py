@@ -1078,7 +1078,10 @@ def write_atomic(path: str, text: str, backup: bool = False) -> str | None:
         import time
 
         backup_path = f"{real}.{time.strftime('%Y%m%d%H%M%S')}.bak"
-        with open(real, "rb") as src, open(backup_path, "wb") as dst:
+        # Created 0600 and only then given the file's mode: a compose file may hold secrets (environment:).
+        fd = os.open(backup_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(real, "rb") as src, os.fdopen(fd, "wb") as dst:
+            os.fchmod(fd, 0o600)
             dst.write(src.read())
         os.chmod(backup_path, stat.S_IMODE(st.st_mode))
     fd, tmp = tempfile.mkstemp(prefix=".crab-compose-", dir=directory)

@@ -285,6 +285,20 @@ def test_owner_and_mode_kept(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".crab-compose-")]
 
 
+def test_backup_copy_of_a_private_file_is_never_readable_by_others(tmp_path, monkeypatch):
+    # A compose file may hold secrets: its backup must not exist world-readable, not even before the final chmod.
+    path = tmp_path / "docker-compose.yml"
+    path.write_text("services:\n  db:\n    image: x\n    environment:\n      POSTGRES_PASSWORD: s3cret\n")
+    path.chmod(0o600)
+    monkeypatch.setattr(os, "chmod", lambda *_a, **_kw: None)  # keep each file's mode as it was created
+    old_umask = os.umask(0)
+    try:
+        backups = apply(ComposeProject([str(path)]).plan_logging(LoggingPolicy()), backup=True)
+    finally:
+        os.umask(old_umask)
+    assert os.stat(backups[0]).st_mode & 0o077 == 0
+
+
 def test_backup_copy(tmp_path):
     path = fixture("base.yml", tmp_path)
     before = Path(path).read_text()
