@@ -1161,8 +1161,9 @@ def resolve_files(project_dir: str, files: list | None) -> list[str]:
         candidate = os.path.join(project_dir, name)
         if os.path.exists(candidate):
             out = [candidate]
-            override = candidate.replace(".y", ".override.y", 1) if "compose." in name else None
-            if override and os.path.exists(override):
+            # compose.yaml -> compose.override.yaml; from the name only (the directory may contain ".y" too)
+            override = os.path.join(project_dir, name.replace(".y", ".override.y", 1))
+            if os.path.exists(override):
                 out.append(override)
             return out
     raise ComposeError(project_dir, None, f"no compose file ({', '.join(DEFAULT_NAMES)}); set the files to use")

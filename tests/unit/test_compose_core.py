@@ -320,6 +320,14 @@ def test_write_atomic_failure_leaves_file(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".crab-compose-")]
 
 
+def test_resolve_files_finds_the_override_when_the_directory_name_has_a_dot_y(tmp_path):
+    project = tmp_path / "crab.yellow"
+    project.mkdir()
+    (project / "compose.yaml").write_text("services:\n  db:\n    image: x\n")
+    (project / "compose.override.yaml").write_text("services:\n  db:\n    environment: {A: b}\n")
+    assert resolve_files(str(project), []) == [str(project / "compose.yaml"), str(project / "compose.override.yaml")]
+
+
 def test_resolve_files_from_dotenv_and_defaults(tmp_path):
     (tmp_path / "docker-compose.yml").write_text("services: {}\n")
     assert resolve_files(str(tmp_path), []) == [str(tmp_path / "docker-compose.yml")]
