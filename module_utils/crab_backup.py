@@ -112,6 +112,12 @@ class BackupConfig:
             raise BackupError(f"Invalid compressor {self.compressor!r}: use auto, zstd or gzip.")
         if self.sse not in ("AES256", "aws:kms", "none"):
             raise BackupError(f"Invalid sse {self.sse!r}: use AES256, aws:kms or none.")
+        if not self.bucket:
+            raise BackupError("Invalid bucket '': set backup_s3_bucket to the S3 bucket that holds the backups.")
+        if self.dump_lock_timeout_s < 0:
+            raise BackupError(
+                f"Invalid dump_lock_timeout_s {self.dump_lock_timeout_s}: use 0 (wait forever) or more seconds."
+            )
         if self.prefix and not self.prefix.endswith("/"):
             raise BackupError(f"Invalid prefix {self.prefix!r}: it must end with '/', for example 'pg/'.")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):

@@ -391,6 +391,8 @@ def test_config_validation_messages():
         ({"compressor": "xz"}, "Invalid compressor"),
         ({"sse": "rot13"}, "Invalid sse"),
         ({"prefix": "pg"}, "must end with '/'"),
+        ({"bucket": ""}, "set backup_s3_bucket"),
+        ({"dump_lock_timeout_s": -5}, "Invalid dump_lock_timeout_s -5"),
         ({"name": "a b"}, "Invalid backup name"),
         ({"keep_remote": 0}, "Invalid retention"),
         ({"access_key": "only"}, "set both access_key and secret_key"),
