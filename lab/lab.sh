@@ -166,7 +166,7 @@ PY
         -master.port "$WEED_MASTER_PORT" -volume.port "$WEED_VOLUME_PORT" -filer.port "$WEED_FILER_PORT" \
         -master.volumeSizeLimitMB 1024 -volume.max 0 \
         -master.telemetry=false -s3 -s3.port "$S3_PORT" -s3.port.iceberg=0 -s3.port.lance=0 -s3.config "$STATE/s3/identities.json" \
-        >>"$STATE/s3/weed.log" 2>&1 </dev/null &
+        >>"$STATE/s3/weed.log" 2>&1 </dev/null 9>&- &
       echo $! >"$STATE/s3/weed.pid"
     )
   fi
