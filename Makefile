@@ -7,14 +7,14 @@ export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 MOLECULE_SCENARIOS := compose_logging healthcheck backup sqlite_pragmas
 
-.PHONY: demo test bootstrap venv lab-up lab-down lab-status site site-check lint unit molecule e2e bench clean
+.PHONY: demo test bootstrap venv lab-up lab-down lab-status site site-check lint unit molecule molecule-site e2e clean
 
 ## demo: install what is missing, bring the lab up, apply site.yml twice, take a backup, prove it restores
 demo: bootstrap lab-up
 	bash scripts/demo.sh
 
 ## test: lint, unit tests, one Molecule scenario per role, lab end-to-end tests
-test: bootstrap lint unit molecule e2e
+test: bootstrap lint unit molecule e2e molecule-site
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -57,6 +57,10 @@ molecule: venv
 
 e2e: venv lab-up
 	pytest -q tests/integration
+
+## molecule-site: molecule/default, the whole site.yml over SSH on the lab, idempotence, testinfra
+molecule-site: venv lab-up
+	molecule test -s default
 
 clean: lab-down
 	rm -rf $(VENV)

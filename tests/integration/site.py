@@ -30,7 +30,7 @@ def fingerprint(lab) -> dict[str, str]:
     """What a dry run must not touch: the compose file, containers, crontabs, edge DB headers and configs."""
     cloud = lab.ssh(
         "cloud1",
-        "cat /opt/crab/docker-compose.yml; crontab -l 2>/dev/null; ls -la /var/backups /etc/crab-ops 2>&1;"
+        "cat /opt/crab/docker-compose.yml; crontab -l 2>/dev/null; ls -la /var/backups /etc/crab-ops /etc/cron.d 2>&1;"
         " docker ps -q --no-trunc | sort",
     )
     prints = {"cloud1": hashlib.sha256(cloud.stdout.encode()).hexdigest()}
