@@ -60,7 +60,7 @@ e2e: venv lab-up
 
 ## molecule-site: molecule/default, the whole site.yml over SSH on the lab, idempotence, testinfra
 molecule-site: venv lab-up
-	molecule test -s default
+	molecule test -s default --destroy never
 
 clean: lab-down
 	rm -rf $(VENV)
