@@ -343,7 +343,7 @@ cmd_down() {
     done
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
   fi
-  rm -rf "$STATE/ssh" "$STATE/secrets" "$STATE/s3" "$STATE/build" "$STATE/compose-up.log"
+  rm -rf "$STATE/ssh" "$STATE/secrets" "$STATE/s3" "$STATE/build" "$STATE/compose-up.log" "$STATE/site-applied"
   log "down (image cache kept; 'lab/lab.sh purge' removes the crab-lab images)"
 }
 
