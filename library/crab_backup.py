@@ -35,6 +35,10 @@ description:
   - Records the run in the JSON state file O(state_file) (C(last_success), C(last_failure), C(key), C(size),
     C(sha256), C(duration_s), C(error)), then applies count retention to local files and S3 keys, only to names it
     made itself under its own prefix, never the backup just made, and only after a fully successful run.
+  - When O(alert_url) or O(alert_webhook_url) is set, tells the alert hook about the start, the success and the
+    failure of the run. A hook that fails (HTTP error, refused, no answer within O(alert_timeout_s)) never fails or
+    hides the backup's result; it is reported in RV(alerts) and the state file's C(alert_errors), naming only
+    C(scheme://host:port/***) of the URL.
   - An flock in O(local_dir) keeps two runs (this module, the cron job, a restore) from writing at once.
   - The nightly cron job C(/usr/local/sbin/crab-backup) runs the same code.
 version_added: "0.1.0"
@@ -127,6 +131,20 @@ options:
     description: Attempts per S3 request (botocore standard retries).
     type: int
     default: 3
+  alert_url:
+    description:
+      - Healthchecks.io-style ping URL (a secret) - POST C(<url>/start) when the run starts, C(<url>) with a summary
+        on success, C(<url>/fail) with the error on failure.
+    type: str
+  alert_webhook_url:
+    description:
+      - Generic webhook (a secret) - POST of JSON C({event, status, job, host, time, key, size, sha256, duration_s,
+        error}) at start (C(status=started)), success (C(ok)) and failure (C(failed)).
+    type: str
+  alert_timeout_s:
+    description: Wall-clock bound of each alert request in seconds; a slow hook is abandoned, the backup goes on.
+    type: float
+    default: 10
   compressor:
     description: Compressor; C(auto) uses zstd when installed, else gzip.
     type: str
@@ -175,6 +193,13 @@ EXAMPLES = r"""
     access_key: "{{ backup_s3_access_key }}"
     secret_key: "{{ backup_s3_secret_key }}"
     max_age_hours: 20
+  no_log: true
+
+- name: Back up now and ping healthchecks.io (start, success or fail)
+  crab_backup:
+    db_password: "{{ backup_db_password }}"
+    alert_url: "https://hc-ping.com/{{ vault_hc_uuid }}"
+    alert_timeout_s: 10
   no_log: true
 
 - name: Back up now on EC2 with the instance role and KMS
@@ -250,6 +275,14 @@ deleted_remote:
   type: list
   elements: str
   sample: []
+alerts:
+  description:
+    - One record per alert request sent - event (start, success, fail), target (healthchecks, webhook), url
+      (C(scheme://host:port/***), never the secret path), ok, error, duration_s. Empty when no hook is set.
+  returned: when a backup ran (success or failure)
+  type: list
+  elements: dict
+  sample: [{event: success, target: webhook, url: "https://hooks.example.com/***", ok: false, error: HTTP 500}]
 skipped_fresh:
   description: True when a backup younger than O(max_age_hours) made the run unnecessary.
   returned: always
@@ -288,7 +321,9 @@ def main() -> None:
         try:
             done = runner.run()
         except BackupError as exc:
-            module.fail_json(msg=str(exc), error=str(exc), state=_safe_state(cfg.state_file))
+            module.fail_json(
+                msg=str(exc), error=str(exc), state=_safe_state(cfg.state_file), alerts=runner.alerter.sent
+            )
         result.update(asdict(done))
         result["state"] = read_state(cfg.state_file)
         after_text = state_summary(result["state"])

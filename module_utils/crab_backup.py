@@ -19,11 +19,13 @@ boto3 is imported lazily so that argument parsing and check mode work on hosts t
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as dt
 import errno
 import fcntl
 import hashlib
+import http.client
 import json
 import os
 import pwd
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 
 CHUNK = 1024 * 1024
@@ -91,8 +94,12 @@ class BackupConfig:
     s3_connect_timeout_s: int = 5
     s3_max_attempts: int = 3
     docker: str = "docker"
+    # Alert hook (see Alerter): a healthchecks.io-style ping URL and/or a generic JSON webhook. Both are secrets.
+    alert_url: str | None = None
+    alert_webhook_url: str | None = None
+    alert_timeout_s: float = 10
 
-    SECRET_FIELDS = ("db_password", "access_key", "secret_key")
+    SECRET_FIELDS = ("db_password", "access_key", "secret_key", "alert_url", "alert_webhook_url")
 
     @classmethod
     def from_dict(cls, data: dict) -> BackupConfig:
@@ -126,6 +133,12 @@ class BackupConfig:
             raise BackupError(
                 "Invalid retention: keep_local and keep_remote must be at least 1 (the newest good backup)."
             )
+        for opt in ("alert_url", "alert_webhook_url"):
+            url = getattr(self, opt)
+            if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                raise BackupError(f"Invalid {opt} {redact_url(url)}: use an http:// or https:// URL.")
+        if self.alert_timeout_s <= 0:
+            raise BackupError(f"Invalid alert_timeout_s {self.alert_timeout_s}: use a positive number of seconds.")
         if bool(self.access_key) != bool(self.secret_key):
             raise BackupError("Invalid S3 credentials: set both access_key and secret_key, or neither (instance role).")
 
@@ -424,6 +437,129 @@ def fresh_backup(state: dict, max_age_hours: float, now: dt.datetime | None = No
         return False
     age = (now or utcnow()) - last
     return dt.timedelta(0) <= age < dt.timedelta(hours=max_age_hours)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Alert hook
+# --------------------------------------------------------------------------------------------------------------
+def redact_url(url: str | None) -> str:
+    """scheme://host[:port]/*** : the path (a healthchecks UUID), query and userinfo of a ping URL are its secret."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ":?"
+    return f"{parts.scheme}://{host}{port}/***"
+
+
+class Alerter:
+    """Tells the outside world about a job's start, success and failure.
+
+    ``alert_url`` is healthchecks.io style: POST ``<url>/start``, ``<url>`` (success, body = summary line) and
+    ``<url>/fail`` (body = the error). ``alert_webhook_url`` gets a POST of JSON ``{"event", "status", "job",
+    "host", "time", "key", "size", "sha256", "duration_s", "error"}``. A hook never fails or hides the job's result:
+    each request is bounded by ``alert_timeout_s`` (a hard wall-clock bound, also against a server that trickles
+    bytes), its failure is returned and recorded, and messages name only scheme://host:port/*** of the URL."""
+
+    def __init__(self, cfg: BackupConfig, job: str = "backup"):
+        self.cfg = cfg
+        self.job = job
+        self.sent: list[dict] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.alert_url or self.cfg.alert_webhook_url)
+
+    def _post(self, url: str, body: bytes, content_type: str) -> None:
+        """One POST with http.client: only http/https, no proxy from the environment, no redirects followed."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=self.cfg.alert_timeout_s)
+        elif parts.scheme == "http":
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.cfg.alert_timeout_s)
+        else:
+            raise ValueError(f"unsupported scheme {parts.scheme!r}")
+        headers = {"Content-Type": content_type, "User-Agent": f"crab-ops-{self.job}"}
+        if parts.username:
+            token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("POST", target, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read(65536)
+        finally:
+            conn.close()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(f"HTTP {response.status} {response.reason}")
+
+    def _deliver(self, target: str, url: str, body: bytes, content_type: str) -> dict:
+        outcome: dict = {}
+
+        def attempt() -> None:
+            try:
+                self._post(url, body, content_type)
+                outcome["ok"] = True
+            except RuntimeError as exc:
+                outcome["error"] = str(exc)
+            except OSError as exc:
+                outcome["error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
+            except Exception as exc:  # any failure of the hook is reported, never raised
+                outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        started = time.monotonic()
+        worker.start()
+        # urllib's timeout bounds each socket operation; the join bounds the whole request.
+        worker.join(self.cfg.alert_timeout_s + 1)
+        record = {"target": target, "url": redact_url(url), "ok": bool(outcome.get("ok"))}
+        if worker.is_alive():
+            record["error"] = f"no answer within {self.cfg.alert_timeout_s:g}s"
+        elif not record["ok"]:
+            # Scrub the URL and its secret path from whatever the library said.
+            text = str(outcome.get("error", "unknown error"))
+            path = urllib.parse.urlsplit(url).path
+            for secret in (url, path if len(path) > 1 else None):
+                if secret:
+                    text = text.replace(secret, "/***")
+            record["error"] = text
+        record["duration_s"] = round(time.monotonic() - started, 3)
+        return record
+
+    def send(self, event: str, info: dict | None = None) -> list[dict]:
+        """event: start, success or fail. Returns one record per hook: target, url (redacted), ok, error."""
+        if event not in ("start", "success", "fail"):
+            raise ValueError(event)
+        info = info or {}
+        records = []
+        if self.cfg.alert_url:
+            base = self.cfg.alert_url.rstrip("/")
+            url = {"start": f"{base}/start", "success": base, "fail": f"{base}/fail"}[event]
+            if event == "fail":
+                text = info.get("error") or "failed"
+            else:
+                text = " ".join(f"{k}={info[k]}" for k in ("key", "size", "sha256", "duration_s") if info.get(k))
+            records.append(self._deliver("healthchecks", url, f"crab-{self.job}: {text}".encode(), "text/plain"))
+        if self.cfg.alert_webhook_url:
+            payload = {
+                "event": event,
+                "status": {"start": "started", "success": "ok", "fail": "failed"}[event],
+                "job": self.job,
+                "host": os.uname().nodename,
+                "time": iso(utcnow()),
+            }
+            for key in ("key", "size", "sha256", "duration_s", "error"):
+                payload[key] = info.get(key)
+            body = json.dumps(payload, sort_keys=True).encode()
+            records.append(self._deliver("webhook", self.cfg.alert_webhook_url, body, "application/json"))
+        self.sent.extend({"event": event, **r} for r in records)
+        return records
+
+    def failures(self) -> list[str]:
+        return [f"{r['event']} alert to {r['url']} failed: {r['error']}" for r in self.sent if not r["ok"]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -817,6 +953,7 @@ class BackupResult:
     etag_verified: bool
     deleted_local: list[str] = field(default_factory=list)
     deleted_remote: list[str] = field(default_factory=list)
+    alerts: list[dict] = field(default_factory=list)
 
 
 class BackupRunner:
@@ -828,6 +965,7 @@ class BackupRunner:
         self.pg = PgClient(cfg)
         self.s3 = s3 or S3Store(cfg)
         self.now = now
+        self.alerter = Alerter(cfg, "backup")
 
     @property
     def lock_path(self) -> str:
@@ -845,15 +983,33 @@ class BackupRunner:
         }
 
     def run(self) -> BackupResult:
+        """The backup; the alert hook hears start, then success or fail. A hook's own failure changes nothing about
+        the result: it is listed in ``self.alerter.sent`` / ``result.alerts`` and in the state file's
+        ``alert_errors``."""
         started = time.monotonic()
         start_time = self.now()
+        self.alerter.send("start")
         try:
             with RunLock(self.lock_path, self.cfg.lock_wait_s):
                 result = self._run_locked(start_time, started)
         except BackupError as exc:
             self._record_failure(start_time, started, str(exc))
+            self.alerter.send("fail", {"error": str(exc), "duration_s": round(time.monotonic() - started, 3)})
+            self._record_alerts()
             raise
+        self.alerter.send("success", asdict(result))
+        result.alerts = list(self.alerter.sent)
+        self._record_alerts()
         return result
+
+    def _record_alerts(self) -> None:
+        """alert_errors in the state file: what the hook could not deliver in this run (empty when all went)."""
+        if not self.alerter.enabled:
+            return
+        with contextlib.suppress(Exception):
+            state = read_state(self.cfg.state_file)
+            state["alert_errors"] = self.alerter.failures()
+            write_state(self.cfg.state_file, state)
 
     def _record_failure(self, start_time: dt.datetime, started: float, message: str) -> None:
         with contextlib.suppress(Exception):
@@ -1182,20 +1338,29 @@ def load_config_file(path: str) -> BackupConfig:
     return BackupConfig.from_dict(data)
 
 
+def _print_alert_failures(runner) -> None:
+    for line in runner.alerter.failures() if runner is not None else []:
+        print(f"crab-backup: WARNING: {line}", file=sys.stderr)
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crab-backup", description="Back up the crab database to S3.")
     parser.add_argument("--config", default="/etc/crab-ops/backup.json")
     parser.add_argument("--max-age-hours", type=float, default=0, help="do nothing if a backup is younger")
     args = parser.parse_args(argv)
+    runner = None
     try:
         cfg = load_config_file(args.config)
         if fresh_backup(read_state(cfg.state_file), args.max_age_hours):
             print("crab-backup: a backup younger than the maximum age exists; nothing to do.")
             return 0
-        result = BackupRunner(cfg).run()
+        runner = BackupRunner(cfg)
+        result = runner.run()
     except BackupError as exc:
         print(f"crab-backup: FAILED: {exc}", file=sys.stderr)
+        _print_alert_failures(runner)
         return 1
+    _print_alert_failures(runner)
     print(
         f"crab-backup: ok {S3Store(cfg).url(result.key)} size={result.size} sha256={result.sha256} "
         f"duration_s={result.duration_s}"
@@ -1235,8 +1400,18 @@ def common_argument_spec() -> dict:
     }
 
 
+def alert_argument_spec() -> dict:
+    """The alert hook's options (secrets: no_log)."""
+    return {
+        "alert_url": {"type": "str", "no_log": True},
+        "alert_webhook_url": {"type": "str", "no_log": True},
+        "alert_timeout_s": {"type": "float", "default": 10},
+    }
+
+
 def backup_argument_spec() -> dict:
     spec = common_argument_spec()
+    spec.update(alert_argument_spec())
     spec.update(
         {
             "compressor": {"type": "str", "default": "auto", "choices": ["auto", "zstd", "gzip"]},
