@@ -34,7 +34,10 @@ description:
     content); on a mismatch the object is removed and the task fails.
   - Records the run in the JSON state file O(state_file) (C(last_success), C(last_failure), C(key), C(size),
     C(sha256), C(duration_s), C(error)), then applies count retention to local files and S3 keys, only to names it
-    made itself under its own prefix, never the backup just made, and only after a fully successful run.
+    made itself under its own prefix, never the backup just made nor the last good one the state file records, and
+    only after a fully successful run. Count retention (O(keep_remote), O(keep_local)) can be combined with daily,
+    weekly and monthly tiers (O(keep_daily), O(keep_weekly), O(keep_monthly)); O(retention_dry_run) lists what
+    would be deleted without taking a backup or deleting anything.
   - When O(alert_url) or O(alert_webhook_url) is set, tells the alert hook about the start, the success and the
     failure of the run. A hook that fails (HTTP error, refused, no answer within O(alert_timeout_s)) never fails or
     hides the backup's result; it is reported in RV(alerts) and the state file's C(alert_errors), naming only
@@ -167,6 +170,32 @@ options:
     description: Newest S3 backups to keep (at least 1).
     type: int
     default: 14
+  keep_daily:
+    description:
+      - Also keep the newest backup of each of the last N days that have backups (C(0) turns the tier off).
+      - Applies to S3, and to the local copies when O(keep_local_tiers=true).
+    type: int
+    default: 0
+  keep_weekly:
+    description: Also keep the newest backup of each of the last N ISO weeks that have backups (C(0) off).
+    type: int
+    default: 0
+  keep_monthly:
+    description: Also keep the newest backup of each of the last N months that have backups (C(0) off).
+    type: int
+    default: 0
+  keep_local_tiers:
+    description:
+      - Apply the daily/weekly/monthly tiers to the local copies too; by default only the newest O(keep_local) stay
+        locally (local disk is small, S3 keeps the history).
+    type: bool
+    default: false
+  retention_dry_run:
+    description:
+      - Take no backup and delete nothing; return in RV(would_delete_local) and RV(would_delete_remote) what
+        retention would delete now (C(changed=false)).
+    type: bool
+    default: false
   max_age_hours:
     description:
       - When the state file shows a successful backup younger than this, do nothing (C(changed=false)).
@@ -193,6 +222,17 @@ EXAMPLES = r"""
     access_key: "{{ backup_s3_access_key }}"
     secret_key: "{{ backup_s3_secret_key }}"
     max_age_hours: 20
+  no_log: true
+
+- name: Keep 14 newest plus 7 daily, 4 weekly and 6 monthly backups in S3; list what would go, delete nothing
+  crab_backup:
+    endpoint_url: http://127.0.0.1:8333
+    access_key: "{{ backup_s3_access_key }}"
+    secret_key: "{{ backup_s3_secret_key }}"
+    keep_daily: 7
+    keep_weekly: 4
+    keep_monthly: 6
+    retention_dry_run: true
   no_log: true
 
 - name: Back up now and ping healthchecks.io (start, success or fail)
@@ -283,6 +323,28 @@ alerts:
   type: list
   elements: dict
   sample: [{event: success, target: webhook, url: "https://hooks.example.com/***", ok: false, error: HTTP 500}]
+would_delete_local:
+  description: Local backups retention would delete now (O(retention_dry_run)).
+  returned: retention_dry_run
+  type: list
+  elements: str
+  sample: [/var/backups/crab/crab-20260101T021500Z.dump.zst]
+would_delete_remote:
+  description: S3 keys retention would delete now (O(retention_dry_run)).
+  returned: retention_dry_run
+  type: list
+  elements: str
+  sample: [pg/crab-20251201T021500Z.dump.zst]
+policy_local:
+  description: The local retention policy (last, daily, weekly, monthly) the dry run applied.
+  returned: retention_dry_run
+  type: dict
+  sample: {last: 3, daily: 0, weekly: 0, monthly: 0}
+policy_remote:
+  description: The S3 retention policy (last, daily, weekly, monthly) the dry run applied.
+  returned: retention_dry_run
+  type: dict
+  sample: {last: 14, daily: 7, weekly: 4, monthly: 6}
 skipped_fresh:
   description: True when a backup younger than O(max_age_hours) made the run unnecessary.
   returned: always
@@ -308,6 +370,12 @@ def main() -> None:
         before = read_state(cfg.state_file)
     except BackupError as exc:
         module.fail_json(msg=str(exc), error=str(exc))
+    if module.params["retention_dry_run"]:
+        try:
+            plan = BackupRunner(cfg).retention_dry_run()
+        except BackupError as exc:
+            module.fail_json(msg=str(exc), error=str(exc))
+        module.exit_json(changed=False, skipped_fresh=False, state=before, **plan)
     if fresh_backup(before, module.params["max_age_hours"]):
         module.exit_json(changed=False, skipped_fresh=True, key=before.get("key"), state=before)
     runner = BackupRunner(cfg)

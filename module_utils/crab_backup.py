@@ -88,6 +88,12 @@ class BackupConfig:
     compress_level: int = 3
     keep_local: int = 3
     keep_remote: int = 14
+    # Tiers on top of keep_*: the newest backup of each of the last N days / ISO weeks / months (0: tier off).
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    # Whether the tiers also apply to the local copies (by default locally only the newest keep_local stay).
+    keep_local_tiers: bool = False
     lock_wait_s: float = 0
     # pg_dump gives up (and the run fails loudly) when a table stays locked exclusively this long; 0 waits forever.
     dump_lock_timeout_s: int = 600
@@ -139,6 +145,9 @@ class BackupConfig:
                 raise BackupError(f"Invalid {opt} {redact_url(url)}: use an http:// or https:// URL.")
         if self.alert_timeout_s <= 0:
             raise BackupError(f"Invalid alert_timeout_s {self.alert_timeout_s}: use a positive number of seconds.")
+        for opt in ("keep_daily", "keep_weekly", "keep_monthly"):
+            if getattr(self, opt) < 0:
+                raise BackupError(f"Invalid {opt} {getattr(self, opt)}: use 0 (tier off) or a positive count.")
         if bool(self.access_key) != bool(self.secret_key):
             raise BackupError("Invalid S3 credentials: set both access_key and secret_key, or neither (instance role).")
 
@@ -1097,26 +1106,57 @@ class BackupRunner:
         result.deleted_remote = self.prune_remote(protect=key)
         return result
 
-    def prune_local(self, protect: str, dry_run: bool = False) -> list[str]:
+    def policy(self, local: bool) -> RetentionPolicy:
+        tiers = not local or self.cfg.keep_local_tiers
+        return RetentionPolicy(
+            last=self.cfg.keep_local if local else self.cfg.keep_remote,
+            daily=self.cfg.keep_daily if tiers else 0,
+            weekly=self.cfg.keep_weekly if tiers else 0,
+            monthly=self.cfg.keep_monthly if tiers else 0,
+        )
+
+    def _protected(self, extra: str | None) -> set[str]:
+        """Never deleted: the backup just made and the last good one the state file records."""
+        protect = {extra} if extra else set()
+        with contextlib.suppress(BackupError):
+            state = read_state(self.cfg.state_file)
+            protect.update(v for v in (state.get("key"), state.get("local_path")) if v)
+        return protect
+
+    def prune_local(self, protect: str | None = None, dry_run: bool = False) -> list[str]:
+        """Delete (or, dry run, list) local backups the policy drops: only our own names in local_dir."""
         items = []
-        for entry in os.listdir(self.cfg.local_dir):
-            when = parse_backup_name(self.cfg.name, entry)
-            path = os.path.join(self.cfg.local_dir, entry)
-            if when is not None and os.path.isfile(path):
-                items.append((path, when))
-        doomed = [p for p in RetentionPolicy(last=self.cfg.keep_local).plan(items) if p != protect]
+        if os.path.isdir(self.cfg.local_dir):
+            for entry in os.listdir(self.cfg.local_dir):
+                when = parse_backup_name(self.cfg.name, entry)
+                path = os.path.join(self.cfg.local_dir, entry)
+                if when is not None and os.path.isfile(path) and not os.path.islink(path):
+                    items.append((path, when))
+        keep = self._protected(protect)
+        doomed = [p for p in self.policy(local=True).plan(items) if p not in keep]
         if not dry_run:
             for path in doomed:
                 os.unlink(path)
         return doomed
 
-    def prune_remote(self, protect: str, dry_run: bool = False) -> list[str]:
+    def prune_remote(self, protect: str | None = None, dry_run: bool = False) -> list[str]:
+        """Delete (or, dry run, list) S3 keys the policy drops: only our own names directly under our prefix."""
         items = [(key, when) for key, when, _ in self.s3.list_backups()]
-        doomed = [k for k in RetentionPolicy(last=self.cfg.keep_remote).plan(items) if k != protect]
+        keep = self._protected(protect)
+        doomed = [k for k in self.policy(local=False).plan(items) if k not in keep]
         if not dry_run:
             for key in doomed:
                 self.s3.delete(key)
         return doomed
+
+    def retention_dry_run(self) -> dict:
+        """What retention would delete now (local and S3), deleting nothing and taking no backup."""
+        return {
+            "would_delete_local": self.prune_local(dry_run=True),
+            "would_delete_remote": self.prune_remote(dry_run=True),
+            "policy_local": asdict(self.policy(local=True)),
+            "policy_remote": asdict(self.policy(local=False)),
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1347,10 +1387,27 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crab-backup", description="Back up the crab database to S3.")
     parser.add_argument("--config", default="/etc/crab-ops/backup.json")
     parser.add_argument("--max-age-hours", type=float, default=0, help="do nothing if a backup is younger")
+    parser.add_argument(
+        "--retention-dry-run",
+        action="store_true",
+        help="take no backup and delete nothing: list the local files and S3 keys retention would delete now",
+    )
     args = parser.parse_args(argv)
     runner = None
     try:
         cfg = load_config_file(args.config)
+        if args.retention_dry_run:
+            plan = BackupRunner(cfg).retention_dry_run()
+            store = S3Store(cfg)
+            print(
+                f"crab-backup: retention dry run: would delete {len(plan['would_delete_local'])} local and "
+                f"{len(plan['would_delete_remote'])} S3 backup(s); nothing was deleted."
+            )
+            for path in plan["would_delete_local"]:
+                print(f"would delete {path}")
+            for key in plan["would_delete_remote"]:
+                print(f"would delete {store.url(key)}")
+            return 0
         if fresh_backup(read_state(cfg.state_file), args.max_age_hours):
             print("crab-backup: a backup younger than the maximum age exists; nothing to do.")
             return 0
@@ -1419,6 +1476,11 @@ def backup_argument_spec() -> dict:
             "dump_lock_timeout_s": {"type": "int", "default": 600},
             "keep_local": {"type": "int", "default": 3},
             "keep_remote": {"type": "int", "default": 14},
+            "keep_daily": {"type": "int", "default": 0},
+            "keep_weekly": {"type": "int", "default": 0},
+            "keep_monthly": {"type": "int", "default": 0},
+            "keep_local_tiers": {"type": "bool", "default": False},
+            "retention_dry_run": {"type": "bool", "default": False},
             "max_age_hours": {"type": "float", "default": 0},
         }
     )
