@@ -91,6 +91,7 @@ def test_backup_alert_hook_results_and_no_secret_in_output(args, capsys):
     assert [a["event"] for a in out["alerts"]] == ["start", "start", "success", "success"]
     assert not any(a["ok"] for a in out["alerts"])
     assert secret not in json.dumps(out)
+    time.sleep(1.05)  # backups are named by the second: the next run must not collide with this one
     failed = run(backup_module, dict(args, db_port=DEAD_PORT, alert_url=dead, alert_timeout_s=1), capsys)
     assert failed["failed"] is True and failed["msg"].startswith("pg_dump of database crab")
     assert [a["event"] for a in failed["alerts"]] == ["start", "fail"]
