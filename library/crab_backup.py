@@ -34,7 +34,14 @@ description:
     content); on a mismatch the object is removed and the task fails.
   - Records the run in the JSON state file O(state_file) (C(last_success), C(last_failure), C(key), C(size),
     C(sha256), C(duration_s), C(error)), then applies count retention to local files and S3 keys, only to names it
-    made itself under its own prefix, never the backup just made, and only after a fully successful run.
+    made itself under its own prefix, never the backup just made nor the last good one the state file records, and
+    only after a fully successful run. Count retention (O(keep_remote), O(keep_local)) can be combined with daily,
+    weekly and monthly tiers (O(keep_daily), O(keep_weekly), O(keep_monthly)); O(retention_dry_run) lists what
+    would be deleted without taking a backup or deleting anything.
+  - When O(alert_url) or O(alert_webhook_url) is set, tells the alert hook about the start, the success and the
+    failure of the run. A hook that fails (HTTP error, refused, no answer within O(alert_timeout_s)) never fails or
+    hides the backup's result; it is reported in RV(alerts) and the state file's C(alert_errors), naming only
+    C(scheme://host:port/***) of the URL.
   - An flock in O(local_dir) keeps two runs (this module, the cron job, a restore) from writing at once.
   - The nightly cron job C(/usr/local/sbin/crab-backup) runs the same code.
 version_added: "0.1.0"
@@ -127,6 +134,20 @@ options:
     description: Attempts per S3 request (botocore standard retries).
     type: int
     default: 3
+  alert_url:
+    description:
+      - Healthchecks.io-style ping URL (a secret) - POST C(<url>/start) when the run starts, C(<url>) with a summary
+        on success, C(<url>/fail) with the error on failure.
+    type: str
+  alert_webhook_url:
+    description:
+      - Generic webhook (a secret) - POST of JSON C({event, status, job, host, time, key, size, sha256, duration_s,
+        error}) at start (C(status=started)), success (C(ok)) and failure (C(failed)).
+    type: str
+  alert_timeout_s:
+    description: Wall-clock bound of each alert request in seconds; a slow hook is abandoned, the backup goes on.
+    type: float
+    default: 10
   compressor:
     description: Compressor; C(auto) uses zstd when installed, else gzip.
     type: str
@@ -149,6 +170,32 @@ options:
     description: Newest S3 backups to keep (at least 1).
     type: int
     default: 14
+  keep_daily:
+    description:
+      - Also keep the newest backup of each of the last N days that have backups (C(0) turns the tier off).
+      - Applies to S3, and to the local copies when O(keep_local_tiers=true).
+    type: int
+    default: 0
+  keep_weekly:
+    description: Also keep the newest backup of each of the last N ISO weeks that have backups (C(0) off).
+    type: int
+    default: 0
+  keep_monthly:
+    description: Also keep the newest backup of each of the last N months that have backups (C(0) off).
+    type: int
+    default: 0
+  keep_local_tiers:
+    description:
+      - Apply the daily/weekly/monthly tiers to the local copies too; by default only the newest O(keep_local) stay
+        locally (local disk is small, S3 keeps the history).
+    type: bool
+    default: false
+  retention_dry_run:
+    description:
+      - Take no backup and delete nothing; return in RV(would_delete_local) and RV(would_delete_remote) what
+        retention would delete now (C(changed=false)).
+    type: bool
+    default: false
   max_age_hours:
     description:
       - When the state file shows a successful backup younger than this, do nothing (C(changed=false)).
@@ -175,6 +222,24 @@ EXAMPLES = r"""
     access_key: "{{ backup_s3_access_key }}"
     secret_key: "{{ backup_s3_secret_key }}"
     max_age_hours: 20
+  no_log: true
+
+- name: Keep 14 newest plus 7 daily, 4 weekly and 6 monthly backups in S3; list what would go, delete nothing
+  crab_backup:
+    endpoint_url: http://127.0.0.1:8333
+    access_key: "{{ backup_s3_access_key }}"
+    secret_key: "{{ backup_s3_secret_key }}"
+    keep_daily: 7
+    keep_weekly: 4
+    keep_monthly: 6
+    retention_dry_run: true
+  no_log: true
+
+- name: Back up now and ping healthchecks.io (start, success or fail)
+  crab_backup:
+    db_password: "{{ backup_db_password }}"
+    alert_url: "https://hc-ping.com/{{ vault_hc_uuid }}"
+    alert_timeout_s: 10
   no_log: true
 
 - name: Back up now on EC2 with the instance role and KMS
@@ -250,6 +315,36 @@ deleted_remote:
   type: list
   elements: str
   sample: []
+alerts:
+  description:
+    - One record per alert request sent - event (start, success, fail), target (healthchecks, webhook), url
+      (C(scheme://host:port/***), never the secret path), ok, error, duration_s. Empty when no hook is set.
+  returned: when a backup ran (success or failure)
+  type: list
+  elements: dict
+  sample: [{event: success, target: webhook, url: "https://hooks.example.com/***", ok: false, error: HTTP 500}]
+would_delete_local:
+  description: Local backups retention would delete now (O(retention_dry_run)).
+  returned: retention_dry_run
+  type: list
+  elements: str
+  sample: [/var/backups/crab/crab-20260101T021500Z.dump.zst]
+would_delete_remote:
+  description: S3 keys retention would delete now (O(retention_dry_run)).
+  returned: retention_dry_run
+  type: list
+  elements: str
+  sample: [pg/crab-20251201T021500Z.dump.zst]
+policy_local:
+  description: The local retention policy (last, daily, weekly, monthly) the dry run applied.
+  returned: retention_dry_run
+  type: dict
+  sample: {last: 3, daily: 0, weekly: 0, monthly: 0}
+policy_remote:
+  description: The S3 retention policy (last, daily, weekly, monthly) the dry run applied.
+  returned: retention_dry_run
+  type: dict
+  sample: {last: 14, daily: 7, weekly: 4, monthly: 6}
 skipped_fresh:
   description: True when a backup younger than O(max_age_hours) made the run unnecessary.
   returned: always
@@ -275,6 +370,12 @@ def main() -> None:
         before = read_state(cfg.state_file)
     except BackupError as exc:
         module.fail_json(msg=str(exc), error=str(exc))
+    if module.params["retention_dry_run"]:
+        try:
+            plan = BackupRunner(cfg).retention_dry_run()
+        except BackupError as exc:
+            module.fail_json(msg=str(exc), error=str(exc))
+        module.exit_json(changed=False, skipped_fresh=False, state=before, **plan)
     if fresh_backup(before, module.params["max_age_hours"]):
         module.exit_json(changed=False, skipped_fresh=True, key=before.get("key"), state=before)
     runner = BackupRunner(cfg)
@@ -288,7 +389,9 @@ def main() -> None:
         try:
             done = runner.run()
         except BackupError as exc:
-            module.fail_json(msg=str(exc), error=str(exc), state=_safe_state(cfg.state_file))
+            module.fail_json(
+                msg=str(exc), error=str(exc), state=_safe_state(cfg.state_file), alerts=runner.alerter.sent
+            )
         result.update(asdict(done))
         result["state"] = read_state(cfg.state_file)
         after_text = state_summary(result["state"])

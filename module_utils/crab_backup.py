@@ -19,11 +19,13 @@ boto3 is imported lazily so that argument parsing and check mode work on hosts t
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as dt
 import errno
 import fcntl
 import hashlib
+import http.client
 import json
 import os
 import pwd
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 
 CHUNK = 1024 * 1024
@@ -85,14 +88,24 @@ class BackupConfig:
     compress_level: int = 3
     keep_local: int = 3
     keep_remote: int = 14
+    # Tiers on top of keep_*: the newest backup of each of the last N days / ISO weeks / months (0: tier off).
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    # Whether the tiers also apply to the local copies (by default locally only the newest keep_local stay).
+    keep_local_tiers: bool = False
     lock_wait_s: float = 0
     # pg_dump gives up (and the run fails loudly) when a table stays locked exclusively this long; 0 waits forever.
     dump_lock_timeout_s: int = 600
     s3_connect_timeout_s: int = 5
     s3_max_attempts: int = 3
     docker: str = "docker"
+    # Alert hook (see Alerter): a healthchecks.io-style ping URL and/or a generic JSON webhook. Both are secrets.
+    alert_url: str | None = None
+    alert_webhook_url: str | None = None
+    alert_timeout_s: float = 10
 
-    SECRET_FIELDS = ("db_password", "access_key", "secret_key")
+    SECRET_FIELDS = ("db_password", "access_key", "secret_key", "alert_url", "alert_webhook_url")
 
     @classmethod
     def from_dict(cls, data: dict) -> BackupConfig:
@@ -126,6 +139,15 @@ class BackupConfig:
             raise BackupError(
                 "Invalid retention: keep_local and keep_remote must be at least 1 (the newest good backup)."
             )
+        for opt in ("alert_url", "alert_webhook_url"):
+            url = getattr(self, opt)
+            if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                raise BackupError(f"Invalid {opt} {redact_url(url)}: use an http:// or https:// URL.")
+        if self.alert_timeout_s <= 0:
+            raise BackupError(f"Invalid alert_timeout_s {self.alert_timeout_s}: use a positive number of seconds.")
+        for opt in ("keep_daily", "keep_weekly", "keep_monthly"):
+            if getattr(self, opt) < 0:
+                raise BackupError(f"Invalid {opt} {getattr(self, opt)}: use 0 (tier off) or a positive count.")
         if bool(self.access_key) != bool(self.secret_key):
             raise BackupError("Invalid S3 credentials: set both access_key and secret_key, or neither (instance role).")
 
@@ -424,6 +446,129 @@ def fresh_backup(state: dict, max_age_hours: float, now: dt.datetime | None = No
         return False
     age = (now or utcnow()) - last
     return dt.timedelta(0) <= age < dt.timedelta(hours=max_age_hours)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Alert hook
+# --------------------------------------------------------------------------------------------------------------
+def redact_url(url: str | None) -> str:
+    """scheme://host[:port]/*** : the path (a healthchecks UUID), query and userinfo of a ping URL are its secret."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ":?"
+    return f"{parts.scheme}://{host}{port}/***"
+
+
+class Alerter:
+    """Tells the outside world about a job's start, success and failure.
+
+    ``alert_url`` is healthchecks.io style: POST ``<url>/start``, ``<url>`` (success, body = summary line) and
+    ``<url>/fail`` (body = the error). ``alert_webhook_url`` gets a POST of JSON ``{"event", "status", "job",
+    "host", "time", "key", "size", "sha256", "duration_s", "error"}``. A hook never fails or hides the job's result:
+    each request is bounded by ``alert_timeout_s`` (a hard wall-clock bound, also against a server that trickles
+    bytes), its failure is returned and recorded, and messages name only scheme://host:port/*** of the URL."""
+
+    def __init__(self, cfg: BackupConfig, job: str = "backup"):
+        self.cfg = cfg
+        self.job = job
+        self.sent: list[dict] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.alert_url or self.cfg.alert_webhook_url)
+
+    def _post(self, url: str, body: bytes, content_type: str) -> None:
+        """One POST with http.client: only http/https, no proxy from the environment, no redirects followed."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=self.cfg.alert_timeout_s)
+        elif parts.scheme == "http":
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.cfg.alert_timeout_s)
+        else:
+            raise ValueError(f"unsupported scheme {parts.scheme!r}")
+        headers = {"Content-Type": content_type, "User-Agent": f"crab-ops-{self.job}"}
+        if parts.username:
+            token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("POST", target, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read(65536)
+        finally:
+            conn.close()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(f"HTTP {response.status} {response.reason}")
+
+    def _deliver(self, target: str, url: str, body: bytes, content_type: str) -> dict:
+        outcome: dict = {}
+
+        def attempt() -> None:
+            try:
+                self._post(url, body, content_type)
+                outcome["ok"] = True
+            except RuntimeError as exc:
+                outcome["error"] = str(exc)
+            except OSError as exc:
+                outcome["error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
+            except Exception as exc:  # any failure of the hook is reported, never raised
+                outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        started = time.monotonic()
+        worker.start()
+        # urllib's timeout bounds each socket operation; the join bounds the whole request.
+        worker.join(self.cfg.alert_timeout_s + 1)
+        record = {"target": target, "url": redact_url(url), "ok": bool(outcome.get("ok"))}
+        if worker.is_alive():
+            record["error"] = f"no answer within {self.cfg.alert_timeout_s:g}s"
+        elif not record["ok"]:
+            # Scrub the URL and its secret path from whatever the library said.
+            text = str(outcome.get("error", "unknown error"))
+            path = urllib.parse.urlsplit(url).path
+            for secret in (url, path if len(path) > 1 else None):
+                if secret:
+                    text = text.replace(secret, "/***")
+            record["error"] = text
+        record["duration_s"] = round(time.monotonic() - started, 3)
+        return record
+
+    def send(self, event: str, info: dict | None = None) -> list[dict]:
+        """event: start, success or fail. Returns one record per hook: target, url (redacted), ok, error."""
+        if event not in ("start", "success", "fail"):
+            raise ValueError(event)
+        info = info or {}
+        records = []
+        if self.cfg.alert_url:
+            base = self.cfg.alert_url.rstrip("/")
+            url = {"start": f"{base}/start", "success": base, "fail": f"{base}/fail"}[event]
+            if event == "fail":
+                text = info.get("error") or "failed"
+            else:
+                text = " ".join(f"{k}={info[k]}" for k in ("key", "size", "sha256", "duration_s") if info.get(k))
+            records.append(self._deliver("healthchecks", url, f"crab-{self.job}: {text}".encode(), "text/plain"))
+        if self.cfg.alert_webhook_url:
+            payload = {
+                "event": event,
+                "status": {"start": "started", "success": "ok", "fail": "failed"}[event],
+                "job": self.job,
+                "host": os.uname().nodename,
+                "time": iso(utcnow()),
+            }
+            for key in ("key", "size", "sha256", "duration_s", "error"):
+                payload[key] = info.get(key)
+            body = json.dumps(payload, sort_keys=True).encode()
+            records.append(self._deliver("webhook", self.cfg.alert_webhook_url, body, "application/json"))
+        self.sent.extend({"event": event, **r} for r in records)
+        return records
+
+    def failures(self) -> list[str]:
+        return [f"{r['event']} alert to {r['url']} failed: {r['error']}" for r in self.sent if not r["ok"]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -817,6 +962,7 @@ class BackupResult:
     etag_verified: bool
     deleted_local: list[str] = field(default_factory=list)
     deleted_remote: list[str] = field(default_factory=list)
+    alerts: list[dict] = field(default_factory=list)
 
 
 class BackupRunner:
@@ -828,6 +974,7 @@ class BackupRunner:
         self.pg = PgClient(cfg)
         self.s3 = s3 or S3Store(cfg)
         self.now = now
+        self.alerter = Alerter(cfg, "backup")
 
     @property
     def lock_path(self) -> str:
@@ -845,15 +992,33 @@ class BackupRunner:
         }
 
     def run(self) -> BackupResult:
+        """The backup; the alert hook hears start, then success or fail. A hook's own failure changes nothing about
+        the result: it is listed in ``self.alerter.sent`` / ``result.alerts`` and in the state file's
+        ``alert_errors``."""
         started = time.monotonic()
         start_time = self.now()
+        self.alerter.send("start")
         try:
             with RunLock(self.lock_path, self.cfg.lock_wait_s):
                 result = self._run_locked(start_time, started)
         except BackupError as exc:
             self._record_failure(start_time, started, str(exc))
+            self.alerter.send("fail", {"error": str(exc), "duration_s": round(time.monotonic() - started, 3)})
+            self._record_alerts()
             raise
+        self.alerter.send("success", asdict(result))
+        result.alerts = list(self.alerter.sent)
+        self._record_alerts()
         return result
+
+    def _record_alerts(self) -> None:
+        """alert_errors in the state file: what the hook could not deliver in this run (empty when all went)."""
+        if not self.alerter.enabled:
+            return
+        with contextlib.suppress(Exception):
+            state = read_state(self.cfg.state_file)
+            state["alert_errors"] = self.alerter.failures()
+            write_state(self.cfg.state_file, state)
 
     def _record_failure(self, start_time: dt.datetime, started: float, message: str) -> None:
         with contextlib.suppress(Exception):
@@ -941,26 +1106,57 @@ class BackupRunner:
         result.deleted_remote = self.prune_remote(protect=key)
         return result
 
-    def prune_local(self, protect: str, dry_run: bool = False) -> list[str]:
+    def policy(self, local: bool) -> RetentionPolicy:
+        tiers = not local or self.cfg.keep_local_tiers
+        return RetentionPolicy(
+            last=self.cfg.keep_local if local else self.cfg.keep_remote,
+            daily=self.cfg.keep_daily if tiers else 0,
+            weekly=self.cfg.keep_weekly if tiers else 0,
+            monthly=self.cfg.keep_monthly if tiers else 0,
+        )
+
+    def _protected(self, extra: str | None) -> set[str]:
+        """Never deleted: the backup just made and the last good one the state file records."""
+        protect = {extra} if extra else set()
+        with contextlib.suppress(BackupError):
+            state = read_state(self.cfg.state_file)
+            protect.update(v for v in (state.get("key"), state.get("local_path")) if v)
+        return protect
+
+    def prune_local(self, protect: str | None = None, dry_run: bool = False) -> list[str]:
+        """Delete (or, dry run, list) local backups the policy drops: only our own names in local_dir."""
         items = []
-        for entry in os.listdir(self.cfg.local_dir):
-            when = parse_backup_name(self.cfg.name, entry)
-            path = os.path.join(self.cfg.local_dir, entry)
-            if when is not None and os.path.isfile(path):
-                items.append((path, when))
-        doomed = [p for p in RetentionPolicy(last=self.cfg.keep_local).plan(items) if p != protect]
+        if os.path.isdir(self.cfg.local_dir):
+            for entry in os.listdir(self.cfg.local_dir):
+                when = parse_backup_name(self.cfg.name, entry)
+                path = os.path.join(self.cfg.local_dir, entry)
+                if when is not None and os.path.isfile(path) and not os.path.islink(path):
+                    items.append((path, when))
+        keep = self._protected(protect)
+        doomed = [p for p in self.policy(local=True).plan(items) if p not in keep]
         if not dry_run:
             for path in doomed:
                 os.unlink(path)
         return doomed
 
-    def prune_remote(self, protect: str, dry_run: bool = False) -> list[str]:
+    def prune_remote(self, protect: str | None = None, dry_run: bool = False) -> list[str]:
+        """Delete (or, dry run, list) S3 keys the policy drops: only our own names directly under our prefix."""
         items = [(key, when) for key, when, _ in self.s3.list_backups()]
-        doomed = [k for k in RetentionPolicy(last=self.cfg.keep_remote).plan(items) if k != protect]
+        keep = self._protected(protect)
+        doomed = [k for k in self.policy(local=False).plan(items) if k not in keep]
         if not dry_run:
             for key in doomed:
                 self.s3.delete(key)
         return doomed
+
+    def retention_dry_run(self) -> dict:
+        """What retention would delete now (local and S3), deleting nothing and taking no backup."""
+        return {
+            "would_delete_local": self.prune_local(dry_run=True),
+            "would_delete_remote": self.prune_remote(dry_run=True),
+            "policy_local": asdict(self.policy(local=True)),
+            "policy_remote": asdict(self.policy(local=False)),
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1182,20 +1378,46 @@ def load_config_file(path: str) -> BackupConfig:
     return BackupConfig.from_dict(data)
 
 
+def _print_alert_failures(runner) -> None:
+    for line in runner.alerter.failures() if runner is not None else []:
+        print(f"crab-backup: WARNING: {line}", file=sys.stderr)
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crab-backup", description="Back up the crab database to S3.")
     parser.add_argument("--config", default="/etc/crab-ops/backup.json")
     parser.add_argument("--max-age-hours", type=float, default=0, help="do nothing if a backup is younger")
+    parser.add_argument(
+        "--retention-dry-run",
+        action="store_true",
+        help="take no backup and delete nothing: list the local files and S3 keys retention would delete now",
+    )
     args = parser.parse_args(argv)
+    runner = None
     try:
         cfg = load_config_file(args.config)
+        if args.retention_dry_run:
+            plan = BackupRunner(cfg).retention_dry_run()
+            store = S3Store(cfg)
+            print(
+                f"crab-backup: retention dry run: would delete {len(plan['would_delete_local'])} local and "
+                f"{len(plan['would_delete_remote'])} S3 backup(s); nothing was deleted."
+            )
+            for path in plan["would_delete_local"]:
+                print(f"would delete {path}")
+            for key in plan["would_delete_remote"]:
+                print(f"would delete {store.url(key)}")
+            return 0
         if fresh_backup(read_state(cfg.state_file), args.max_age_hours):
             print("crab-backup: a backup younger than the maximum age exists; nothing to do.")
             return 0
-        result = BackupRunner(cfg).run()
+        runner = BackupRunner(cfg)
+        result = runner.run()
     except BackupError as exc:
         print(f"crab-backup: FAILED: {exc}", file=sys.stderr)
+        _print_alert_failures(runner)
         return 1
+    _print_alert_failures(runner)
     print(
         f"crab-backup: ok {S3Store(cfg).url(result.key)} size={result.size} sha256={result.sha256} "
         f"duration_s={result.duration_s}"
@@ -1235,8 +1457,18 @@ def common_argument_spec() -> dict:
     }
 
 
+def alert_argument_spec() -> dict:
+    """The alert hook's options (secrets: no_log)."""
+    return {
+        "alert_url": {"type": "str", "no_log": True},
+        "alert_webhook_url": {"type": "str", "no_log": True},
+        "alert_timeout_s": {"type": "float", "default": 10},
+    }
+
+
 def backup_argument_spec() -> dict:
     spec = common_argument_spec()
+    spec.update(alert_argument_spec())
     spec.update(
         {
             "compressor": {"type": "str", "default": "auto", "choices": ["auto", "zstd", "gzip"]},
@@ -1244,6 +1476,11 @@ def backup_argument_spec() -> dict:
             "dump_lock_timeout_s": {"type": "int", "default": 600},
             "keep_local": {"type": "int", "default": 3},
             "keep_remote": {"type": "int", "default": 14},
+            "keep_daily": {"type": "int", "default": 0},
+            "keep_weekly": {"type": "int", "default": 0},
+            "keep_monthly": {"type": "int", "default": 0},
+            "keep_local_tiers": {"type": "bool", "default": False},
+            "retention_dry_run": {"type": "bool", "default": False},
             "max_age_hours": {"type": "float", "default": 0},
         }
     )

@@ -22,7 +22,10 @@ from botocore.config import Config
 from module_utils.crab_backup import BackupConfig
 
 REPO = Path(__file__).resolve().parents[2]
+# The repo's own venv, else the first `weed` on PATH (a git worktree shares the main checkout's venv).
 WEED = REPO / ".venv" / "bin" / "weed"
+if not WEED.exists() and shutil.which("weed"):
+    WEED = Path(shutil.which("weed"))
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DEAD_PORT = 28199  # nothing listens here: "PostgreSQL stopped" and "S3 unreachable"
 

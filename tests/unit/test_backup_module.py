@@ -83,6 +83,21 @@ def test_backup_failure_is_fail_json_with_state(args, backup_cfg, capsys):
     assert read_state(backup_cfg.state_file)["error"] == out["msg"]
 
 
+def test_backup_alert_hook_results_and_no_secret_in_output(args, capsys):
+    secret = "9d3b6c2a-hook-secret"
+    dead = f"http://127.0.0.1:{DEAD_PORT}/{secret}"
+    out = run(backup_module, dict(args, alert_url=dead, alert_webhook_url=dead, alert_timeout_s=1), capsys)
+    assert out["changed"] is True and out["state"]["last_status"] == "ok", out
+    assert [a["event"] for a in out["alerts"]] == ["start", "start", "success", "success"]
+    assert not any(a["ok"] for a in out["alerts"])
+    assert secret not in json.dumps(out)
+    time.sleep(1.05)  # backups are named by the second: the next run must not collide with this one
+    failed = run(backup_module, dict(args, db_port=DEAD_PORT, alert_url=dead, alert_timeout_s=1), capsys)
+    assert failed["failed"] is True and failed["msg"].startswith("pg_dump of database crab")
+    assert [a["event"] for a in failed["alerts"]] == ["start", "fail"]
+    assert secret not in json.dumps(failed)
+
+
 def test_backup_bad_config_is_fail_json(args, capsys):
     out = run(backup_module, dict(args, prefix="pg"), capsys)
     assert out["failed"] is True
