@@ -8,7 +8,7 @@ import sys
 from ansible.module_utils.basic import AnsibleModule
 
 try:
-    from ansible.module_utils.crab_compose import ComposeError, ComposeProject, apply, describe, resolve_files
+    from ansible.module_utils.crab_compose import ComposeError, ComposeProject, describe, finish_plan, resolve_files
 except ImportError as exc:  # crab_compose needs ruamel.yaml, which the managed host may lack
     COMPOSE_IMPORT_ERROR = exc
 else:
@@ -127,18 +127,7 @@ def run_module():
         module.fail_json(msg=f"Cannot set compose healthchecks in {p['project_dir']}: {exc}.")
     result = describe(plan)
     result.pop("skipped", None)
-    result["files"] = files
-    result["changed"] = plan.changed
-    if module._diff:
-        result["diff"] = plan.diff()
-    if plan.changed and not module.check_mode:
-        try:
-            apply(plan, backup=p["backup"])
-        except OSError as exc:
-            module.fail_json(
-                msg=f"Cannot write {exc.filename or files[0]}: {exc.strerror}; check the directory is writable.",
-                **result,
-            )
+    finish_plan(module, plan, files, p["backup"], result)
     module.exit_json(**result)
 
 

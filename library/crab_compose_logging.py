@@ -12,8 +12,8 @@ try:
         ComposeError,
         ComposeProject,
         LoggingPolicy,
-        apply,
         describe,
+        finish_plan,
         resolve_files,
     )
 except ImportError as exc:  # crab_compose needs ruamel.yaml, which the managed host may lack
@@ -172,18 +172,9 @@ def run_module():
     except ComposeError as exc:
         module.fail_json(msg=f"Cannot set compose logging: {exc}.", path=exc.path, line=exc.line)
     result = describe(plan)
-    result["files"] = files
-    result["changed"] = plan.changed
-    if module._diff:
-        result["diff"] = plan.diff()
+    backups = finish_plan(module, plan, files, p["backup"], result)
     if plan.changed and not module.check_mode:
-        try:
-            result["backups"] = apply(plan, backup=p["backup"])
-        except OSError as exc:
-            module.fail_json(
-                msg=f"Cannot write {exc.filename or files[0]}: {exc.strerror}; check the directory is writable.",
-                **result,
-            )
+        result["backups"] = backups
     module.exit_json(**result)
 
 

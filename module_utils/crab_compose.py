@@ -1113,6 +1113,26 @@ def apply(plan: PlanResult, backup: bool = False) -> list[str]:
     return backups
 
 
+def finish_plan(module, plan: PlanResult, files: list[str], backup: bool, result: dict) -> list[str]:
+    """The modules' common ending: diff when asked, write unless check mode; returns backup paths.
+
+    `module` is the AnsibleModule (duck-typed: _diff, check_mode, fail_json), so this file stays Ansible-free.
+    """
+    result["files"] = files
+    result["changed"] = plan.changed
+    if module._diff:
+        result["diff"] = plan.diff()
+    if not plan.changed or module.check_mode:
+        return []
+    try:
+        return apply(plan, backup=backup)
+    except OSError as exc:
+        module.fail_json(
+            msg=f"Cannot write {exc.filename or files[0]}: {exc.strerror}; check the directory is writable.", **result
+        )
+        raise  # fail_json exits; this keeps the flow explicit for callers that are not AnsibleModule
+
+
 def describe(plan: PlanResult) -> dict:
     return {
         "changed_services": sorted({c.service for c in plan.changed_services}),
